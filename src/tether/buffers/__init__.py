@@ -1,0 +1,1 @@
+"""Replay and rollout storage, and pure return functions."""

@@ -1,0 +1,1 @@
+"""Remote experience sources: versioned wire formats, transports, validation."""

@@ -1,0 +1,1 @@
+"""Presets: one YAML job config per system and Gymnasium classic."""

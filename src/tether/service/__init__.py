@@ -1,0 +1,1 @@
+"""The FastAPI service: REST, WebSocket and the dashboard."""
