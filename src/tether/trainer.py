@@ -24,7 +24,14 @@ import torch
 
 from tether import __version__
 from tether.algos import Learner, Transitions, algorithm_module
-from tether.checkpoint import CheckpointManager, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tether.checkpoint import (
+    CheckpointManager,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from tether.config import ConfigError, JobConfig, build_config, dump_config
 from tether.envs import final_observations, make_vector_env
 from tether.metrics import (
@@ -79,7 +86,9 @@ def build_learner(
     optional = {"num_envs": config.environment.num_envs, "total_steps": config.schedule.total_steps}
     params = inspect.signature(module.build).parameters
     kwargs = {k: v for k, v in optional.items() if k in params}
-    learner: Learner = module.build(config.training, observation_space, action_space, device, config.seed, **kwargs)
+    learner: Learner = module.build(
+        config.training, observation_space, action_space, device, config.seed, **kwargs
+    )
     return learner
 
 
@@ -153,7 +162,9 @@ class Trainer:
         self._stop = threading.Event()
         self._saves: queue.Queue[Future[Path]] = queue.Queue()
         self._changes: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=config.schedule.keep_checkpoints)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", keep=config.schedule.keep_checkpoints
+        )
         self.learner: Learner | None = None
         self.tracker: EpisodeTracker | None = None
         self._spaces: dict[str, Any] = {}
@@ -216,10 +227,13 @@ class Trainer:
             self._emit_status("started")
             last = self._loop(env)
             checkpoint = self.save(final=True)
+            self._answer_pending_saves(checkpoint)
             status = "stopped" if self._stop.is_set() else "finished"
             self.status = status
             self._emit_status(status, checkpoint=str(checkpoint))
-            return TrainResult(self.run_dir, status, self.steps, self.updates, self.tracker.episodes, checkpoint, last)
+            return TrainResult(
+                self.run_dir, status, self.steps, self.updates, self.tracker.episodes, checkpoint, last
+            )
         except Exception as exc:
             self.status = "error"
             self._emit_status("error", error=str(exc))
@@ -251,7 +265,15 @@ class Trainer:
             t2 = time.perf_counter()
             done = np.logical_or(terminated, truncated)
             learner.observe(
-                Transitions(obs, out.action, reward, final_observations(next_obs, info), terminated, truncated, out.extras)
+                Transitions(
+                    obs,
+                    out.action,
+                    reward,
+                    final_observations(next_obs, info),
+                    terminated,
+                    truncated,
+                    out.extras,
+                )
             )
             tracker.step(reward, done, info)
             obs = next_obs
@@ -274,7 +296,9 @@ class Trainer:
                     self.save()
         return last
 
-    def _row(self, learn: dict[str, float], sps: float, t_env: float, t_act: float, t_learn: float) -> dict[str, Any]:
+    def _row(
+        self, learn: dict[str, float], sps: float, t_env: float, t_act: float, t_learn: float
+    ) -> dict[str, Any]:
         assert self.tracker is not None
         row: dict[str, Any] = {"step": self.steps, "update": self.updates}
         row.update(self.tracker.take_row())
@@ -289,6 +313,8 @@ class Trainer:
             training = self.config.training.model_copy(update=changes)
             self.config.training = training
             self.learner.config = training  # type: ignore[union-attr]
+            # Keep config.yaml current so `--resume` continues with the live changes.
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
             self.bus.emit(CONFIG_UPDATED, {f"training.{k}": v for k, v in changes.items()})
         while not self._saves.empty():
             future = self._saves.get_nowait()
@@ -296,6 +322,11 @@ class Trainer:
                 future.set_result(self.save())
             except Exception as exc:
                 future.set_exception(exc)
+
+    def _answer_pending_saves(self, path: Path) -> None:
+        # A save asked for as the loop ended is answered by the final checkpoint.
+        while not self._saves.empty():
+            self._saves.get_nowait().set_result(path)
 
     def _fail_pending_saves(self, exc: BaseException) -> None:
         while not self._saves.empty():
@@ -335,7 +366,9 @@ class Trainer:
         if final.exists() and (path is None or final.stat().st_mtime >= path.stat().st_mtime):
             path = final
         if path is None:
-            raise ConfigError(f"--resume found no checkpoint in {self.run_dir}; train without --resume first.")
+            raise ConfigError(
+                f"--resume found no checkpoint in {self.run_dir}; train without --resume first."
+            )
         state = load_checkpoint(path)
         if state.get("algorithm") != self.config.algorithm:
             raise ConfigError(

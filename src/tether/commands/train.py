@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 from typing import Annotated, Any
 
+import gymnasium as gym
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -48,19 +49,32 @@ def _steps_override(steps: int | None) -> list[str]:
 
 
 def train(
-    preset: Annotated[str, typer.Argument(help="A preset name (see `tether config presets`) or a YAML file.")],
-    steps: Annotated[int | None, typer.Option("--steps", help="Total environment steps (schedule.total_steps).")] = None,
+    preset: Annotated[
+        str, typer.Argument(help="A preset name (see `tether config presets`) or a YAML file.")
+    ],
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Total environment steps (schedule.total_steps).")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
     ] = None,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where the run goes (default runs/<preset>-<time>).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir (or the newest run of the preset).")] = False,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Where the run goes (default runs/<preset>-<time>).")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the run in --run-dir (or the newest run of the preset)."),
+    ] = False,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
-    serve: Annotated[bool, typer.Option("--serve", help="Serve the live dashboard and REST/WebSocket API beside training.")] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve the live dashboard and REST/WebSocket API beside training.")
+    ] = False,
     host: Annotated[str, typer.Option("--host", help="Address for --serve.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port for --serve.")] = 8765,
-    token: Annotated[str | None, typer.Option("--token", envvar="TETHER_TOKEN", help="Bearer token for --serve.")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="TETHER_TOKEN", help="Bearer token for --serve.")
+    ] = None,
     evaluate_episodes: Annotated[
         int | None, typer.Option("--eval-episodes", help="Episodes for the final evaluation (0 skips it).")
     ] = None,
@@ -125,7 +139,9 @@ def train(
     finally:
         signal.signal(signal.SIGINT, previous)
 
-    console.print(f"Run [bold]{result.status}[/] at step {result.steps:,} after {result.updates} updates: {run_dir}")
+    console.print(
+        f"Run [bold]{result.status}[/] at step {result.steps:,} after {result.updates} updates: {run_dir}"
+    )
     episodes = config.schedule.eval_episodes if evaluate_episodes is None else evaluate_episodes
     if episodes > 0 and trainer.learner is not None:
         with console.status(f"Evaluating the deterministic policy over {episodes} episodes…"):
@@ -163,7 +179,7 @@ def eval_cmd(
     if gif is not None:
         try:
             result["gif_frames"] = record_gif(loaded.learner, loaded.config, gif, seed=seed)
-        except (ValueError, NotImplementedError) as exc:
+        except (ValueError, NotImplementedError, gym.error.DependencyNotInstalled) as exc:
             raise TetherError(f"cannot animate this environment ({exc}).") from None
         result["gif"] = str(gif)
     if as_json:
