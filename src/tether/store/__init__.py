@@ -28,6 +28,7 @@ Reading experience back (offline training, resume)::
     batch = store.experience.load_transitions("rover-7")                  # one Transitions
     for batch in store.experience.iter_transitions("rover-7", chunk_rows=65536):
         learner.observe(batch)                                           # bounded memory
+    store.experience.load_into(replay_buffer, "rover-7", newest=capacity)  # n-step safe
 
 psycopg (PostgreSQL) is imported only when a PostgreSQL URL is opened: `pip install 'tether[pg]'`.
 See docs/store.md for tables, URLs, CLI and guarantees.
