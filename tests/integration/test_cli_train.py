@@ -46,7 +46,18 @@ def test_train_then_eval_json_and_gif(tmp_path, cartpole_overrides):
     assert result["episodes"] == 3 and result["gif_frames"] > 1
     assert (tmp_path / "out.gif").read_bytes()[:6] in (b"GIF89a", b"GIF87a")
     # Resume the same run for more steps: counters continue.
-    proc = run("train", "cartpole", "--resume", "--run-dir", "r", "--steps", "2048", "--eval-episodes", "0", cwd=tmp_path)
+    proc = run(
+        "train",
+        "cartpole",
+        "--resume",
+        "--run-dir",
+        "r",
+        "--steps",
+        "2048",
+        "--eval-episodes",
+        "0",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "step 2,048" in proc.stdout
 
@@ -55,3 +66,16 @@ def test_config_show_prints_resolved_defaults(tmp_path):
     proc = run("config", "show", "lunabotics", "--set", "training.learning_rate=0.001", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "learning_rate: 0.001" in proc.stdout and "lambda_gae: 0.95" in proc.stdout
+
+
+def test_train_records_the_run_in_the_store(tmp_path, cartpole_overrides):
+    sets = [arg for o in cartpole_overrides for arg in ("--set", o)]
+    db = f"sqlite:///{tmp_path / 'history.db'}"
+    proc = run(
+        "train", "cartpole", "--run-dir", "runs/cp-1", "--eval-episodes", "0", "--db", db, *sets, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    proc = run("runs", "show", "cp-1", "--db", db, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["status"] == "completed" and record["algorithm"] == "ppo"

@@ -75,11 +75,18 @@ def train(
     token: Annotated[
         str | None, typer.Option("--token", envvar="TETHER_TOKEN", help="Bearer token for --serve.")
     ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db", envvar="TETHER_DB", help="Store URL for run history (default SQLite in $ML_DATA_DIR)."
+        ),
+    ] = None,
+    no_store: Annotated[bool, typer.Option("--no-store", help="Do not record the run in the store.")] = False,
     evaluate_episodes: Annotated[
         int | None, typer.Option("--eval-episodes", help="Episodes for the final evaluation (0 skips it).")
     ] = None,
 ) -> None:
-    """Train an agent. Writes config.yaml, metrics.jsonl, TensorBoard events and checkpoints to the run directory."""
+    """Train an agent; the run directory gets config.yaml, metrics.jsonl, TensorBoard events, checkpoints."""
     from tether.evaluate import evaluate
     from tether.metrics import MetricsBus
     from tether.runs import latest_run_dir, new_run_dir
@@ -106,6 +113,14 @@ def train(
 
     bus = MetricsBus()
     trainer = Trainer(config, run_dir, bus=bus, resume=resume)
+    history = None
+    if not no_store:
+        from tether.store import open_store
+        from tether.store.history import RunHistorySink
+
+        store = open_store(db)
+        history = RunHistorySink(store, name, config.algorithm, config.environment.id, config.to_dict())
+        bus.add_sink(history)
     service = None
     if serve:
         from tether.commands.serve import start_service_for_trainer
@@ -138,6 +153,9 @@ def train(
             result = trainer.run()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if history is not None:
+            history.close()
+            history.store.close()
 
     console.print(
         f"Run [bold]{result.status}[/] at step {result.steps:,} after {result.updates} updates: {run_dir}"

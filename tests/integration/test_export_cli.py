@@ -1,0 +1,214 @@
+"""`tether export` and `tether infer` on real checkpoints, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from tether.algos import algorithm_module
+from tether.algos.base import Transitions
+from tether.checkpoint import save_checkpoint
+from tether.commands.export import register
+from tether.config import load_config
+from tether.envs import final_observations, make_vector_env
+from tether.export.runtime import ExportError, load_runtime
+from tether.spaces import space_to_dict
+from tether.trainer import build_learner
+
+app = typer.Typer()
+register(app, typer.Typer())
+runner = CliRunner()
+
+
+def _train(config: Any, steps: int) -> tuple[Any, Any, Any]:
+    env = make_vector_env(config.environment, config.rewards)
+    learner = build_learner(
+        config, env.single_observation_space, env.single_action_space, torch.device("cpu")
+    )
+    obs, _ = env.reset(seed=0)
+    for _ in range(steps):
+        out = learner.act(obs)
+        nxt, reward, term, trunc, info = env.step(out.action)
+        learner.observe(
+            Transitions(obs, out.action, reward, final_observations(nxt, info), term, trunc, out.extras)
+        )
+        if learner.ready():
+            learner.update()
+        obs = nxt
+    env.close()
+    return learner, env.single_observation_space, env.single_action_space
+
+
+def _checkpoint(path: Path, preset: str, overrides: list[str], steps: int, **patch: Any) -> tuple[Path, Any]:
+    """A checkpoint in the trainer's format (`tether.trainer.Trainer.checkpoint_state`)."""
+    config, _ = load_config(preset, overrides)
+    learner, obs_space, act_space = _train(config, steps)
+    state = {
+        "format": "tether-checkpoint",
+        "version": 1,
+        "algorithm": config.algorithm,
+        "config": config.to_dict(),
+        "spaces": {"observation": space_to_dict(obs_space), "action": space_to_dict(act_space)},
+        "learner": learner.state_dict(),
+        "trainer": {"steps": steps * config.environment.num_envs, "updates": 3},
+        "metrics": {"train/episode_reward_ma100": -12.5},
+    }
+    state.update(patch)
+    save_checkpoint(path, state)
+    return path, learner
+
+
+@pytest.fixture(scope="module")
+def luna_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("runs") / "lunabotics-test"
+    overrides = [
+        "environment.num_envs=4",
+        "training.rollout_steps=16",
+        "training.num_epochs=2",
+        "training.batch_size=32",
+    ]
+    _, learner = _checkpoint(run / "final.pt", "lunabotics", overrides, 40)
+    return run, learner
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_export_verify_optimize_json(luna_run: tuple[Path, Any]) -> None:
+    run, learner = luna_run
+    result = invoke(
+        "export", str(run), "--format", "onnx", "--verify", "--optimize", "--json", "--samples", "64"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    files = {Path(f["path"]).name: f for f in data["files"]}
+    assert set(files) == {"policy.onnx", "policy.opt.onnx"}
+    for f in files.values():
+        assert f["verify"]["passed"] and f["verify"]["max_abs_diff"] <= 1e-5
+        assert f["verify"]["n_recorded"] == 64  # recorded from the job's own environment
+        assert f["verify"]["latency_us"] > 0
+    side = json.loads((run / "exports" / "policy.onnx.json").read_text())
+    assert side["algorithm"] == "ppo" and side["source"]["checkpoint"] == "final.pt"
+    assert (
+        side["source"]["run"] == "lunabotics-test" and side["source"]["environment"] == "tether/Lunabotics-v0"
+    )
+    assert side["training"]["metrics"]["train/episode_reward_ma100"] == -12.5
+    assert side["training"]["counters"]["updates"] == 3
+    assert side["accuracy"]["passed"] is True
+    # Acceptance: the exported action is `tether eval`'s deterministic action on the same observations.
+    env = make_vector_env(load_config("lunabotics", ["environment.num_envs=8"])[0].environment)
+    obs, _ = env.reset(seed=123)
+    for _ in range(5):
+        obs, *_ = env.step(learner.act(obs, explore=False).action)
+    env.close()
+    got = load_runtime(run / "exports" / "policy.onnx", "cpu").run(obs)
+    assert np.max(np.abs(got - learner.act(obs, explore=False).action)) <= 1e-5
+
+
+def test_export_table_and_int8_with_calibration_file(luna_run: tuple[Path, Any], tmp_path: Path) -> None:
+    run, _ = luna_run
+    env = make_vector_env(load_config("lunabotics", ["environment.num_envs=16"])[0].environment)
+    obs, _ = env.reset(seed=1)
+    rows = []
+    for _ in range(8):
+        rows.append(obs)
+        obs, *_ = env.step(np.stack([env.single_action_space.sample() for _ in range(16)]))
+    env.close()
+    np.savez(tmp_path / "calib.npz", obs=np.concatenate(rows))
+    result = invoke(
+        "export",
+        str(run),
+        "-f",
+        "onnx-int8",
+        "--calibration",
+        str(tmp_path / "calib.npz"),
+        "--out",
+        str(tmp_path / "out"),
+        "--name",
+        "rover",
+    )
+    assert result.exit_code == 0, result.output
+    assert "rover.int8.onnx" in result.output and "pass" in result.output and "max abs diff" in result.output
+    side = json.loads((tmp_path / "out" / "rover.int8.onnx.json").read_text())
+    assert side["quantization"]["mode"] == "static" and side["quantization"]["calibration_samples"] == 128
+    assert side["accuracy"]["judged_on"] == "recorded"
+
+
+def test_infer_on_an_export_with_npu_fallback(luna_run: tuple[Path, Any], tmp_path: Path) -> None:
+    run, _ = luna_run
+    assert invoke("export", str(run), "--out", str(tmp_path), "--no-record").exit_code == 0
+    result = invoke("infer", str(tmp_path / "policy.onnx"), "--use-npu", "--samples", "3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["provider"] == "CPUExecutionProvider" and data["inputs"] == ["obs"]
+    assert np.asarray(data["outputs"]["action"]).shape == (3, 3)
+    np.savez(tmp_path / "obs.npz", obs=np.zeros((2, 28), np.float32))
+    result = invoke("infer", str(tmp_path / "policy.onnx"), "--obs", str(tmp_path / "obs.npz"))
+    assert result.exit_code == 0 and "policy.onnx on CPUExecutionProvider" in result.output
+
+
+def _error(result: Any) -> str:
+    assert isinstance(result.exception, ExportError) or result.exception.__class__.__name__.endswith(
+        "Error"
+    ), result
+    return str(result.exception)
+
+
+def test_checkpoint_of_another_or_unknown_algorithm(tmp_path: Path, luna_run: tuple[Path, Any]) -> None:
+    run, _ = luna_run
+    good = torch.load(run / "final.pt", weights_only=True)
+    save_checkpoint(tmp_path / "unknown.pt", {**good, "algorithm": "a2c"})
+    assert "unknown algorithm 'a2c'" in _error(invoke("export", str(tmp_path / "unknown.pt")))
+    save_checkpoint(
+        tmp_path / "q.pt",
+        {**good, "algorithm": "qtable", "config": {**good["config"], "training": {"algorithm": "qtable"}}},
+    )
+    assert "no neural policy" in _error(invoke("export", str(tmp_path / "q.pt")))
+    save_checkpoint(tmp_path / "lie.pt", {**good, "algorithm": "dqn"})
+    assert "says it holds a dqn learner but its config trains ppo" in _error(
+        invoke("export", str(tmp_path / "lie.pt"))
+    )
+    # A SAC config with PPO weights: the state does not fit the learner.
+    sac_training = algorithm_module("sac").Config().model_dump(mode="json")
+    save_checkpoint(
+        tmp_path / "swap.pt",
+        {**good, "algorithm": "sac", "config": {**good["config"], "training": sac_training}},
+    )
+    assert "do not fit the sac learner" in _error(invoke("export", str(tmp_path / "swap.pt")))
+    save_checkpoint(tmp_path / "foreign.pt", {"weights": torch.zeros(3)})
+    assert "not a Tether training checkpoint" in _error(invoke("export", str(tmp_path / "foreign.pt")))
+
+
+def test_truncated_checkpoint_and_unsupported_format(tmp_path: Path, luna_run: tuple[Path, Any]) -> None:
+    run, _ = luna_run
+    data = (run / "final.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert "truncated" in _error(invoke("export", str(tmp_path / "cut.pt")))
+    assert "unsupported export format 'coreml'" in _error(invoke("export", str(run), "--format", "coreml"))
+    assert not (run / "exports" / "policy.mlmodel").exists()
+
+
+def test_user_mistake_is_one_line_on_stderr_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
+    for args in (["export", str(tmp_path / "nothing")], ["infer", str(tmp_path / "broken.onnx")]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tether.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
