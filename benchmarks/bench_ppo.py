@@ -27,10 +27,16 @@ def tether_sps(preset: str, overrides: list[str], steps: int, warmup: int) -> fl
 
     marks: list[tuple[int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        config, _ = load_config(preset, [*overrides, f"schedule.total_steps={warmup + steps}", "schedule.checkpoint_every=100000"])
+        config, _ = load_config(
+            preset, [*overrides, f"schedule.total_steps={warmup + steps}", "schedule.checkpoint_every=100000"]
+        )
         trainer = Trainer(config, Path(tmp) / "run")
         trainer.bus.add_sink(
-            lambda e: marks.append((e["data"]["step"], time.perf_counter())) if e["type"] == "metrics_update" else None
+            lambda e: (
+                marks.append((e["data"]["step"], time.perf_counter()))
+                if e["type"] == "metrics_update"
+                else None
+            )
         )
         trainer.run()
     (s0, t0), (s1, t1) = marks[0], marks[-1]
@@ -45,12 +51,24 @@ def sb3_sps(env_fn, n_steps: int, cfg: dict, steps: int, normalize: bool) -> flo
     if normalize:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False)
     model = PPO(
-        "MlpPolicy", venv, n_steps=n_steps, batch_size=cfg["batch_size"], n_epochs=cfg["num_epochs"],
-        learning_rate=cfg["learning_rate"], gamma=cfg["discount_factor"], gae_lambda=cfg["lambda_gae"],
-        clip_range=cfg["clip_range"], ent_coef=cfg["ent_coef"], vf_coef=cfg["vf_coef"],
-        max_grad_norm=cfg["max_grad_norm"], device="cpu", verbose=0,
-        policy_kwargs={"net_arch": {"pi": cfg["actor_fc_layers"], "vf": cfg["value_fc_layers"]},
-                       "activation_fn": torch.nn.Tanh},
+        "MlpPolicy",
+        venv,
+        n_steps=n_steps,
+        batch_size=cfg["batch_size"],
+        n_epochs=cfg["num_epochs"],
+        learning_rate=cfg["learning_rate"],
+        gamma=cfg["discount_factor"],
+        gae_lambda=cfg["lambda_gae"],
+        clip_range=cfg["clip_range"],
+        ent_coef=cfg["ent_coef"],
+        vf_coef=cfg["vf_coef"],
+        max_grad_norm=cfg["max_grad_norm"],
+        device="cpu",
+        verbose=0,
+        policy_kwargs={
+            "net_arch": {"pi": cfg["actor_fc_layers"], "vf": cfg["value_fc_layers"]},
+            "activation_fn": torch.nn.Tanh,
+        },
     )
     model.learn(n_steps)  # warm-up update
     t0 = time.perf_counter()
@@ -68,13 +86,16 @@ def compare(name: str, preset: str, env_fn, updates: int, normalize: bool) -> tu
     theirs = sb3_sps(env_fn, per_update, cfg, steps, normalize)
     print(
         f"{name:<12} samples/update {per_update:>6}  tether {ours:>9,.0f} steps/s "
-        f"({config.environment.num_envs} envs)  sb3 {theirs:>8,.0f} steps/s (1 env)  ratio {ours / theirs:5.1f}x"
+        f"({config.environment.num_envs} envs)  sb3 {theirs:>8,.0f} steps/s (1 env)  "
+        f"ratio {ours / theirs:5.1f}x"
     )
     return ours, theirs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--only", choices=["lunabotics", "cartpole"])
     args = parser.parse_args()
@@ -84,7 +105,9 @@ def main() -> None:
 
         compare("Lunabotics", "lunabotics", LunaboticsEnv, args.updates, normalize=True)
     if args.only in (None, "cartpole"):
-        compare("CartPole-v1", "cartpole", lambda: gym.make("CartPole-v1"), args.updates * 10, normalize=False)
+        compare(
+            "CartPole-v1", "cartpole", lambda: gym.make("CartPole-v1"), args.updates * 10, normalize=False
+        )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ COMMAND_MODULES = [
     "tether.commands.serve",
     "tether.commands.mqtt",
     "tether.commands.rover",
+    "tether.commands.export",
 ]
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _register_all() -> None:

@@ -108,11 +108,14 @@ def read_source(preset_or_path: str) -> tuple[dict[str, Any], str]:
     path = Path(preset_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {preset_or_path} does not exist; pass a preset name or a YAML path.")
+            raise ConfigError(
+                f"config file {preset_or_path} does not exist; pass a preset name or a YAML path."
+            )
         return _read_yaml(path.read_text(encoding="utf-8"), str(path)), path.stem
     if preset_or_path not in preset_names():
         raise ConfigError(
-            f"unknown preset '{preset_or_path}'; choose one of: {', '.join(preset_names())} (or pass a YAML file)."
+            f"unknown preset '{preset_or_path}'; choose one of: {', '.join(preset_names())} "
+            "(or pass a YAML file)."
         )
     text = importlib.resources.files(PRESETS_PACKAGE).joinpath(f"{preset_or_path}.yaml").read_text("utf-8")
     return _read_yaml(text, f"preset {preset_or_path}"), preset_or_path

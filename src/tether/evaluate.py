@@ -65,7 +65,9 @@ def evaluate(
     )
 
 
-def record_gif(learner: Learner, config: JobConfig, path: Path, seed: int = 0, max_frames: int = 600, fps: int = 15) -> int:
+def record_gif(
+    learner: Learner, config: JobConfig, path: Path, seed: int = 0, max_frames: int = 600, fps: int = 15
+) -> int:
     """Play one episode with the deterministic policy and save it as an animated GIF."""
     from PIL import Image
 

@@ -42,7 +42,9 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     if not path.is_dir():
         raise TetherError(f"{path} is neither a run directory nor a checkpoint file.")
-    candidates = [p for p in [path / "final.pt", CheckpointManager(path / "checkpoints").latest()] if p and p.is_file()]
+    candidates = [
+        p for p in [path / "final.pt", CheckpointManager(path / "checkpoints").latest()] if p and p.is_file()
+    ]
     if not candidates:
         raise TetherError(f"run directory {path} has no checkpoint yet; train it first or pass a .pt file.")
     return max(candidates, key=lambda p: p.stat().st_mtime)
@@ -65,11 +67,17 @@ def load_learner(run_or_checkpoint: Path, device: str | torch.device = "cpu") ->
     path = resolve_checkpoint(Path(run_or_checkpoint))
     state = load_checkpoint(path)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a Tether training checkpoint (no '{CHECKPOINT_FORMAT}' marker).")
+        raise CheckpointError(
+            f"{path} is not a Tether training checkpoint (no '{CHECKPOINT_FORMAT}' marker)."
+        )
     config = build_config(state["config"])
     obs_space = space_from_dict(state["spaces"]["observation"])
     act_space = space_from_dict(state["spaces"]["action"])
     learner = build_learner(config, obs_space, act_space, torch.device(device))
     learner.load_state_dict(state["learner"])
-    meta = {"trainer": state.get("trainer", {}), "metrics": state.get("metrics", {}), "algorithm": state["algorithm"]}
+    meta = {
+        "trainer": state.get("trainer", {}),
+        "metrics": state.get("metrics", {}),
+        "algorithm": state["algorithm"],
+    }
     return LoadedRun(learner, config, path, obs_space, act_space, meta)

@@ -23,7 +23,9 @@ def space_to_dict(space: gym.Space[Any]) -> dict[str, Any]:
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
     if isinstance(space, gym.spaces.Dict):
         return {"type": "Dict", "spaces": {k: space_to_dict(s) for k, s in space.spaces.items()}}
-    raise TetherError(f"cannot describe a {type(space).__name__} space; Tether supports Box, Discrete and Dict.")
+    raise TetherError(
+        f"cannot describe a {type(space).__name__} space; Tether supports Box, Discrete and Dict."
+    )
 
 
 def space_from_dict(data: dict[str, Any]) -> gym.Space[Any]:

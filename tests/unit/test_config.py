@@ -15,7 +15,13 @@ def test_presets_load_and_overrides_apply():
 def test_lunabotics_preset_has_the_documented_defaults():
     config, _ = load_config("lunabotics")
     t = config.training
-    assert (t.learning_rate, t.num_epochs, t.lambda_gae, t.discount_factor, t.batch_size) == (3e-4, 10, 0.95, 0.99, 512)
+    assert (t.learning_rate, t.num_epochs, t.lambda_gae, t.discount_factor, t.batch_size) == (
+        3e-4,
+        10,
+        0.95,
+        0.99,
+        512,
+    )
     assert t.actor_fc_layers == [256, 256] and t.value_fc_layers == [256, 256] and t.activation == "tanh"
     assert config.rewards["deposit_orb"] == 200.0
 

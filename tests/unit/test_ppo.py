@@ -21,8 +21,13 @@ def _fill(learner, env_rows, steps, rng, with_extras=True, truncate_at=None):
         if truncate_at is not None and t == truncate_at:
             truncated[0] = True
         batch = Transitions(
-            obs, out.action, rng.normal(size=env_rows), rng.normal(size=(env_rows, 4)).astype(np.float32),
-            np.zeros(env_rows, bool), truncated, out.extras if with_extras else {},
+            obs,
+            out.action,
+            rng.normal(size=env_rows),
+            rng.normal(size=(env_rows, 4)).astype(np.float32),
+            np.zeros(env_rows, bool),
+            truncated,
+            out.extras if with_extras else {},
         )
         learner.observe(batch)
 

@@ -28,8 +28,13 @@ def test_gae_matches_reference_with_termination_and_truncation():
     terminated = rng.random((steps, n)) < 0.1
     truncated = (rng.random((steps, n)) < 0.1) & ~terminated
     adv, ret = gae(
-        torch.tensor(rewards), torch.tensor(values), torch.tensor(next_values),
-        torch.tensor(terminated), torch.tensor(terminated | truncated), 0.97, 0.9,
+        torch.tensor(rewards),
+        torch.tensor(values),
+        torch.tensor(next_values),
+        torch.tensor(terminated),
+        torch.tensor(terminated | truncated),
+        0.97,
+        0.9,
     )
     expected = np.array(reference_gae(rewards, values, next_values, terminated, truncated, 0.97, 0.9))
     np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-12, atol=1e-12)

@@ -30,7 +30,13 @@ def test_run_writes_record_and_checkpoints(tmp_path, cartpole_overrides):
     assert kinds[-1] == "training_status" and events[-1]["data"]["status"] == "finished"
     rows = [e["data"] for e in events if e["type"] == "metrics_update"]
     assert [r["update"] for r in rows] == list(range(1, 9))
-    for key in ("train/policy_loss", "train/value_loss", "train/entropy", "perf/sps", "train/episode_reward_ma100"):
+    for key in (
+        "train/policy_loss",
+        "train/value_loss",
+        "train/entropy",
+        "perf/sps",
+        "train/episode_reward_ma100",
+    ):
         assert key in rows[-1]
 
 

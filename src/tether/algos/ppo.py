@@ -56,7 +56,9 @@ class Config(BaseModel):
 class DeterministicPolicy(nn.Module):
     """Raw observation → deterministic action in the env's scale (what export and eval run)."""
 
-    def __init__(self, net: ActorCritic, norm: RunningNorm | None, low: np.ndarray | None, high: np.ndarray | None):
+    def __init__(
+        self, net: ActorCritic, norm: RunningNorm | None, low: np.ndarray | None, high: np.ndarray | None
+    ):
         super().__init__()
         self.net, self.norm = net, norm
         self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32) if low is not None else None)
@@ -95,17 +97,25 @@ class PPO:
                 raise TypeError("the default MLP policy needs a Box observation space; pass actor_critic")
             obs_dim = int(np.prod(observation_space.shape))
             actor_critic = MlpActorCritic(
-                obs_dim, action_space, config.actor_fc_layers, config.value_fc_layers,
-                config.activation, config.log_std_init,
+                obs_dim,
+                action_space,
+                config.actor_fc_layers,
+                config.value_fc_layers,
+                config.activation,
+                config.log_std_init,
             )
         self.net = actor_critic.to(self.device)
         self.obs_norm = (
-            RunningNorm(observation_space.shape).to(self.device) if flat_obs and config.normalize_obs else None
+            RunningNorm(observation_space.shape).to(self.device)
+            if flat_obs and config.normalize_obs
+            else None
         )
         self.ret_norm = RunningNorm(()).to(self.device) if config.normalize_reward else None
         self._returns = np.zeros(num_envs)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.learning_rate, eps=1e-5)
-        self.buffer = RolloutBuffer(config.rollout_steps, num_envs, observation_space, action_space, self.device)
+        self.buffer = RolloutBuffer(
+            config.rollout_steps, num_envs, observation_space, action_space, self.device
+        )
         self.num_envs = num_envs
         self.total_steps = total_steps
         self.steps_seen = 0
@@ -148,8 +158,14 @@ class PPO:
             self._returns[np.asarray(batch.done)] = 0.0
         action = batch.extras.get("raw_action", batch.action)
         self.buffer.add(
-            batch.obs, action, rewards, batch.terminated, batch.truncated, batch.next_obs,
-            batch.extras.get("logp"), batch.extras.get("value"),
+            batch.obs,
+            action,
+            rewards,
+            batch.terminated,
+            batch.truncated,
+            batch.next_obs,
+            batch.extras.get("logp"),
+            batch.extras.get("value"),
         )
         self.steps_seen += len(batch)
 
@@ -160,7 +176,9 @@ class PPO:
     @torch.no_grad()
     def _values_of(self, obs: Obs, chunk: int = 4096) -> torch.Tensor:
         n = next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]
-        out = [self.net.value(self._norm_only(flatten_obs_slice(obs, i, i + chunk))) for i in range(0, n, chunk)]
+        out = [
+            self.net.value(self._norm_only(flatten_obs_slice(obs, i, i + chunk))) for i in range(0, n, chunk)
+        ]
         return torch.cat(out) if out else torch.zeros(0, device=self.device)
 
     def _norm_only(self, obs: Obs) -> Obs:
@@ -177,7 +195,9 @@ class PPO:
             if not buf.has_values:
                 buf.values[:steps] = self._values_of(flat_obs).reshape(steps, n)
             if not buf.has_logp:
-                buf.logp[:steps] = self._logp_of(flat_obs, buf.actions[:steps].reshape(steps * n, *buf.actions.shape[2:])).reshape(steps, n)
+                buf.logp[:steps] = self._logp_of(
+                    flat_obs, buf.actions[:steps].reshape(steps * n, *buf.actions.shape[2:])
+                ).reshape(steps, n)
             values = buf.values[:steps]
             next_values = torch.zeros_like(values)
             next_values[:-1] = values[1:]
@@ -185,8 +205,13 @@ class PPO:
             for t, i, final in buf.truncated_finals:
                 next_values[t, i] = self._values_of(_as_batch(_unsqueeze(final), self.device))[0]
             adv, returns = gae(
-                buf.rewards[:steps], values, next_values, buf.terminated[:steps], buf.done[:steps],
-                cfg.discount_factor, cfg.lambda_gae,
+                buf.rewards[:steps],
+                values,
+                next_values,
+                buf.terminated[:steps],
+                buf.done[:steps],
+                cfg.discount_factor,
+                cfg.lambda_gae,
             )
         if cfg.anneal_lr and self.total_steps:
             frac = max(0.0, 1.0 - self.steps_seen / self.total_steps)
@@ -202,7 +227,9 @@ class PPO:
         b_ret, b_val = returns.reshape(-1), values.reshape(-1)
         total = steps * n
         mb = min(cfg.batch_size, total)
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")}
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
+        }
         for _epoch in range(cfg.num_epochs):
             perm = torch.randperm(total, generator=self.generator).to(self.device)
             kl_epoch = []
@@ -245,7 +272,9 @@ class PPO:
         self.updates += 1
         var_ret = b_ret.var().item()
         out = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
-        out["explained_variance"] = float("nan") if var_ret == 0 else 1.0 - (b_ret - b_val).var().item() / var_ret
+        out["explained_variance"] = (
+            float("nan") if var_ret == 0 else 1.0 - (b_ret - b_val).var().item() / var_ret
+        )
         out["learning_rate"] = lr
         if not self.discrete:
             out["action_std"] = float(self.net.log_std.exp().mean().item())  # type: ignore[operator]
@@ -329,4 +358,6 @@ def build(
     num_envs: int = 1,
     total_steps: int | None = None,
 ) -> PPO:
-    return PPO(config, observation_space, action_space, device, seed, num_envs=num_envs, total_steps=total_steps)
+    return PPO(
+        config, observation_space, action_space, device, seed, num_envs=num_envs, total_steps=total_steps
+    )

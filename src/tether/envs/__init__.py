@@ -41,8 +41,12 @@ def _lunabotics_configs(env_cfg: EnvironmentConfig, rewards: dict[str, float]) -
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            raise ConfigError(f"unknown config key 'environment.{key}' for {LUNABOTICS_ID}; check its spelling.") from None
-        raise ConfigError(f"config key 'environment.{key}': {err['msg']} (got {err.get('input')!r}).") from None
+            raise ConfigError(
+                f"unknown config key 'environment.{key}' for {LUNABOTICS_ID}; check its spelling."
+            ) from None
+        raise ConfigError(
+            f"config key 'environment.{key}': {err['msg']} (got {err.get('input')!r})."
+        ) from None
     try:
         reward_terms = LunaboticsRewards.model_validate(rewards)
     except ValidationError as exc:
@@ -97,7 +101,9 @@ def make_vector_env(
             **kwargs,
         )
     except gym.error.DependencyNotInstalled as exc:
-        raise ConfigError(f"{env_cfg.id} needs an optional package: {exc}; try `pip install 'tether[classic]'`.") from None
+        raise ConfigError(
+            f"{env_cfg.id} needs an optional package: {exc}; try `pip install 'tether[classic]'`."
+        ) from None
     except TypeError as exc:
         raise ConfigError(f"environment options for {env_cfg.id} were refused: {exc}.") from None
 

@@ -1,0 +1,151 @@
+"""Training speed of Tether's off-policy learners against Stable-Baselines3, same run, same machine.
+
+Each case trains from scratch for the same number of env steps with the same hyperparameters
+(taken from the Tether preset and mapped onto SB3's arguments), the same torch thread count and
+one env, and reports env steps per second of the whole training loop (acting, env, replay,
+gradient steps) for each, and the ratio.
+
+    python benchmarks/bench_offpolicy_speed.py                 # DQN CartPole-v1 + SAC Pendulum-v1
+    python benchmarks/bench_offpolicy_speed.py --only sac --sac-steps 5000 --repeats 3
+
+Notes on "same hyperparameters": SB3's DQN has no Double-DQN, so the Tether side runs with
+`double_q=false` here; SB3 counts `target_update_interval` in env steps, Tether in gradient steps,
+and the mapping keeps the target-sync period in env steps equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tether.config import load_config
+from tether.trainer import Trainer
+
+
+def tether_run(preset: str, steps: int, threads: int, overrides: list[str]) -> float:
+    config, _ = load_config(
+        preset,
+        [
+            f"schedule.total_steps={steps}",
+            f"torch_threads={threads}",
+            "device=cpu",
+            "schedule.checkpoint_every=100000000",
+            "training.save_replay=false",
+            *overrides,
+        ],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, Path(tmp) / "run")
+        start = time.perf_counter()
+        result = trainer.run()
+        elapsed = time.perf_counter() - start
+    return result.steps / elapsed
+
+
+def sb3_dqn(steps: int, threads: int, seed: int = 0) -> float:
+    from stable_baselines3 import DQN
+
+    c = load_config("cartpole-dqn")[0].training
+    torch.set_num_threads(threads)
+    model = DQN(
+        "MlpPolicy",
+        "CartPole-v1",
+        learning_rate=c.learning_rate,
+        buffer_size=c.buffer_size,
+        learning_starts=c.learning_starts,
+        batch_size=c.batch_size,
+        tau=c.tau,
+        gamma=c.discount_factor,
+        train_freq=c.train_freq,
+        gradient_steps=c.gradient_steps,
+        n_steps=c.n_step,
+        # Tether counts gradient steps between target syncs; SB3 counts env steps.
+        target_update_interval=max(1, c.target_update_interval * c.train_freq // c.gradient_steps),
+        exploration_fraction=c.epsilon_decay_steps / steps,
+        exploration_initial_eps=c.epsilon_start,
+        exploration_final_eps=c.epsilon_end,
+        max_grad_norm=c.max_grad_norm or 1e9,
+        policy_kwargs={"net_arch": list(c.net_arch), "activation_fn": torch.nn.ReLU},
+        device="cpu",
+        seed=seed,
+    )
+    start = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    return steps / (time.perf_counter() - start)
+
+
+def sb3_sac(steps: int, threads: int, seed: int = 0) -> float:
+    from stable_baselines3 import SAC
+
+    c = load_config("pendulum-sac")[0].training
+    torch.set_num_threads(threads)
+    model = SAC(
+        "MlpPolicy",
+        "Pendulum-v1",
+        learning_rate=c.learning_rate,
+        buffer_size=c.buffer_size,
+        learning_starts=c.learning_starts,
+        batch_size=c.batch_size,
+        tau=c.tau,
+        gamma=c.discount_factor,
+        train_freq=c.train_freq,
+        gradient_steps=c.gradient_steps,
+        n_steps=c.n_step,
+        ent_coef="auto" if c.ent_coef == "auto" else c.ent_coef,
+        target_update_interval=c.target_update_interval,
+        policy_kwargs={"net_arch": {"pi": list(c.actor_fc_layers), "qf": list(c.critic_fc_layers)}},
+        device="cpu",
+        seed=seed,
+    )
+    start = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    return steps / (time.perf_counter() - start)
+
+
+def compare(name: str, ours: Any, peer: Any, repeats: int) -> tuple[float, float]:
+    t_ours, t_peer = [], []
+    for _ in range(repeats):  # interleaved, so load changes hit both sides alike
+        t_ours.append(ours())
+        t_peer.append(peer())
+    a, b = statistics.median(t_ours), statistics.median(t_peer)
+    print(f"{name:<28} tether {a:9.0f} steps/s   sb3 {b:9.0f} steps/s   ratio {a / b:5.2f}x")
+    return a, b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", choices=["dqn", "sac"], default=None)
+    parser.add_argument("--dqn-steps", type=int, default=20_000)
+    parser.add_argument("--sac-steps", type=int, default=3_000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
+    if args.only in (None, "dqn"):
+        compare(
+            f"DQN CartPole-v1 ({args.dqn_steps // 1000}k)",
+            lambda: tether_run("cartpole-dqn", args.dqn_steps, args.threads, ["training.double_q=false"]),
+            lambda: sb3_dqn(args.dqn_steps, args.threads),
+            args.repeats,
+        )
+    if args.only in (None, "sac"):
+        compare(
+            f"SAC Pendulum-v1 ({args.sac_steps // 1000}k)",
+            lambda: tether_run("pendulum-sac", args.sac_steps, args.threads, []),
+            lambda: sb3_sac(args.sac_steps, args.threads),
+            args.repeats,
+        )
+
+
+if __name__ == "__main__":
+    main()

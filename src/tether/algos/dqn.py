@@ -1,0 +1,328 @@
+"""Deep Q-Network with the usual improvements, each a switch: Double DQN, a dueling head, n-step
+returns, prioritized replay, hard or Polyak target updates, Huber loss and gradient clipping.
+
+The learner never owns an env: `observe()` takes batches from anywhere (a vector env, MQTT
+devices, the store) into the replay buffer, and `ready()` tells the caller when the configured
+replay ratio calls for `update()` — `gradient_steps` steps per `train_freq` transitions observed
+after `learning_starts`.
+
+The update, for a sampled batch (s, a, G, s', terminated, discount = γ^k):
+
+    a*     = argmax_a Q_online(s', a)          (Double DQN; plain DQN uses Q_target)
+    y      = G + discount · (1 − terminated) · Q_target(s', a*)
+    δ      = Q_online(s, a) − y
+    loss   = mean(w · huber(δ))                (w: importance weights, 1 without prioritization)
+    then clip gradients, Adam step, new priorities |δ|, and every `target_update_interval`
+    gradient steps θ' ← τ·θ + (1 − τ)·θ' (τ = 1: a hard copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, ClassVar, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from tether.algos.base import ActOut, Transitions
+from tether.buffers.replay import ReplayBuffer
+from tether.checkpoint import generator_state, set_generator_state
+from tether.config import ConfigError
+from tether.nets import ACTIVATIONS, mlp
+
+log = logging.getLogger(__name__)
+
+
+class Config(BaseModel):
+    """The `training` section for DQN. Step counts are in transitions observed unless noted."""
+
+    model_config = ConfigDict(extra="forbid")
+    LIVE_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "learning_rate",
+            "epsilon_start",
+            "epsilon_end",
+            "epsilon_decay_steps",
+            "train_freq",
+            "gradient_steps",
+            "target_update_interval",
+            "tau",
+            "max_grad_norm",
+        }
+    )
+
+    algorithm: Literal["dqn"] = "dqn"
+    learning_rate: float = Field(1e-4, gt=0.0)
+    buffer_size: int = Field(100_000, ge=1, description="replay capacity in transitions")
+    learning_starts: int = Field(1_000, ge=0, description="transitions collected before the first update")
+    batch_size: int = Field(64, ge=1)
+    discount_factor: float = Field(0.99, ge=0.0, le=1.0)
+    train_freq: int = Field(4, ge=1, description="transitions observed per round of gradient steps")
+    gradient_steps: int = Field(1, ge=1, description="gradient steps per round")
+    target_update_interval: int = Field(1_000, ge=1, description="gradient steps between target updates")
+    tau: float = Field(1.0, gt=0.0, le=1.0, description="Polyak factor of a target update (1 = hard copy)")
+    epsilon_start: float = Field(1.0, ge=0.0, le=1.0)
+    epsilon_end: float = Field(0.05, ge=0.0, le=1.0)
+    epsilon_decay_steps: int = Field(10_000, ge=0, description="transitions over which ε falls linearly")
+    double_q: bool = True
+    dueling: bool = False
+    n_step: int = Field(1, ge=1, le=100)
+    prioritized: bool = False
+    per_alpha: float = Field(0.6, ge=0.0)
+    per_beta_start: float = Field(0.4, ge=0.0, le=1.0)
+    per_beta_steps: int | None = Field(
+        None, ge=1, description="transitions to anneal β to 1 (default: total_steps)"
+    )
+    per_eps: float = Field(1e-6, gt=0.0)
+    loss: Literal["huber", "mse"] = "huber"
+    anneal_lr: bool = Field(False, description="decay the learning rate linearly to 0 over total_steps")
+    max_grad_norm: float | None = Field(10.0, gt=0.0)
+    net_arch: list[int] = Field(default_factory=lambda: [64, 64])
+    activation: str = "relu"
+    save_replay: bool = Field(True, description="include the replay buffer in checkpoints")
+
+
+def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step where the device supports it (fewer tiny ops)."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+class ObsEncoder(nn.Module):
+    """Raw observations → float features: Box flattened, Discrete one-hot."""
+
+    def __init__(self, space: gym.Space) -> None:
+        super().__init__()
+        self.discrete = isinstance(space, gym.spaces.Discrete)
+        self.n = int(space.n) if self.discrete else 0
+        self.start = int(space.start) if self.discrete else 0
+        self.dim = self.n if self.discrete else int(np.prod(space.shape))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return F.one_hot((obs.reshape(-1).long() - self.start).clamp(0, self.n - 1), self.n).float()
+        return obs.reshape(obs.shape[0], -1).float()
+
+
+class QNetwork(nn.Module):
+    """Q-values (B, n_actions) for raw observations; dueling: Q = V + A − mean(A)."""
+
+    def __init__(
+        self, space: gym.Space, n_actions: int, hidden: list[int], activation: str, dueling: bool
+    ) -> None:
+        super().__init__()
+        self.encoder = ObsEncoder(space)
+        self.dueling = dueling
+        if not dueling:
+            self.q = mlp(self.encoder.dim, hidden, n_actions, activation)
+            return
+        if not hidden:
+            raise ConfigError("a dueling head needs at least one hidden layer in training.net_arch.")
+        self.trunk = nn.Sequential(
+            mlp(self.encoder.dim, hidden[:-1], hidden[-1], activation), ACTIVATIONS[activation]()
+        )
+        self.value = mlp(hidden[-1], [], 1, activation)
+        self.advantage = mlp(hidden[-1], [], n_actions, activation)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(obs)
+        if not self.dueling:
+            return self.q(x)
+        h = self.trunk(x)
+        adv = self.advantage(h)
+        return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
+
+
+class DQN:
+    """The DQN learner (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        if not isinstance(action_space, gym.spaces.Discrete):
+            raise ConfigError(
+                "training.algorithm dqn needs Discrete actions; use sac for continuous actions."
+            )
+        if not isinstance(observation_space, gym.spaces.Box | gym.spaces.Discrete):
+            raise ConfigError("training.algorithm dqn needs Box or Discrete observations.")
+        self.config = config
+        self.observation_space, self.action_space = observation_space, action_space
+        self.device = torch.device(device)
+        self.n_actions = int(action_space.n)
+        self.rng = np.random.default_rng(seed)
+        c = config
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            self.q = QNetwork(observation_space, self.n_actions, c.net_arch, c.activation, c.dueling)
+        self.q.to(self.device)
+        self.q_target = copy.deepcopy(self.q).requires_grad_(False)
+        self.optimizer = adam(self.q.parameters(), c.learning_rate, self.device)
+        self.buffer = ReplayBuffer.for_spaces(
+            c.buffer_size,
+            observation_space,
+            action_space,
+            n_step=c.n_step,
+            gamma=c.discount_factor,
+            prioritized=c.prioritized,
+            alpha=c.per_alpha,
+            beta_start=c.per_beta_start,
+            beta_steps=c.per_beta_steps or total_steps or 100_000,
+            priority_eps=c.per_eps,
+            seed=seed + 1,
+        )
+        log.info("dqn: %s", self.buffer.describe())
+        self.total_steps = total_steps
+        self.steps = 0  # transitions observed
+        self.grad_steps = 0
+        self._due = 0  # transitions observed since the last round, after learning_starts
+
+    @property
+    def learning_rate(self) -> float:
+        c = self.config
+        if not c.anneal_lr or not self.total_steps:
+            return c.learning_rate
+        return c.learning_rate * max(0.0, 1.0 - self.steps / self.total_steps)
+
+    # ------------------------------------------------------------------------ acting
+    @property
+    def epsilon(self) -> float:
+        c = self.config
+        if c.epsilon_decay_steps <= 0:
+            return c.epsilon_end
+        frac = min(1.0, self.steps / c.epsilon_decay_steps)
+        return c.epsilon_start + frac * (c.epsilon_end - c.epsilon_start)
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), device=self.device)
+
+    def act(self, obs: np.ndarray, explore: bool = True) -> ActOut:
+        obs = np.asarray(obs)
+        n = obs.shape[0]
+        random = self.rng.random(n) < self.epsilon if explore else np.zeros(n, bool)
+        if random.all():  # skip the network entirely while exploring at ε = 1
+            return ActOut(self.rng.integers(0, self.n_actions, n))
+        with torch.no_grad():
+            actions = self.q(self._tensor(obs)).argmax(1).cpu().numpy()
+        if random.any():
+            actions[random] = self.rng.integers(0, self.n_actions, int(random.sum()))
+        return ActOut(actions)
+
+    def observe(self, batch: Transitions) -> None:
+        self.buffer.add(batch)
+        before = self.steps
+        self.steps += len(batch)
+        self._due += max(0, self.steps - max(before, self.config.learning_starts))
+
+    def ready(self) -> bool:
+        c = self.config
+        return self._due >= c.train_freq and len(self.buffer) >= c.batch_size
+
+    # ------------------------------------------------------------------------ learning
+    def update(self) -> dict[str, float]:
+        c = self.config
+        rounds, self._due = divmod(self._due, c.train_freq)
+        for group in self.optimizer.param_groups:  # live changes take effect here
+            group["lr"] = self.learning_rate
+        losses, q_means = [], []
+        for b in self.buffer.sample_tensors(c.batch_size, rounds * c.gradient_steps, self.device):
+            with torch.no_grad():
+                next_q_target = self.q_target(b.next_obs)
+                if c.double_q:
+                    best = self.q(b.next_obs).argmax(1, keepdim=True)
+                    next_q = next_q_target.gather(1, best).squeeze(1)
+                else:
+                    next_q = next_q_target.max(1).values
+                target = b.reward + b.discount * b.not_done * next_q
+
+            q = self.q(b.obs).gather(1, b.action.long().unsqueeze(1)).squeeze(1)
+            td = q - target
+            per_sample = F.smooth_l1_loss(q, target, reduction="none") if c.loss == "huber" else td.pow(2)
+            loss = (b.weights * per_sample).mean() if c.prioritized else per_sample.mean()
+
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.q.parameters(), c.max_grad_norm)
+            self.optimizer.step()
+            if c.prioritized:
+                self.buffer.update_priorities(b.indices, td.detach().abs().cpu().numpy())
+
+            self.grad_steps += 1
+            if self.grad_steps % c.target_update_interval == 0:
+                self._update_target(c.tau)
+            losses.append(loss.detach())
+            q_means.append(q.detach().mean())
+
+        metrics = {
+            "epsilon": self.epsilon,
+            "learning_rate": self.learning_rate,
+            "grad_steps": float(self.grad_steps),
+            "buffer_size": float(len(self.buffer)),
+        }
+        if losses:
+            metrics["loss"] = float(torch.stack(losses).mean())
+            metrics["q_mean"] = float(torch.stack(q_means).mean())
+        if c.prioritized:
+            metrics["per_beta"] = self.buffer.beta
+        return metrics
+
+    @torch.no_grad()
+    def _update_target(self, tau: float) -> None:
+        if tau >= 1.0:
+            self.q_target.load_state_dict(self.q.state_dict())
+            return
+        online, target = list(self.q.parameters()), list(self.q_target.parameters())
+        torch._foreach_lerp_(target, online, tau)
+
+    # ------------------------------------------------------------------------ export / state
+    def policy(self) -> nn.Module:
+        """Q-values (B, n_actions) for raw observations, on the CPU, in eval mode."""
+        return copy.deepcopy(self.q).cpu().eval().requires_grad_(False)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "q": self.q.state_dict(),
+            "q_target": self.q_target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps": self.steps,
+            "grad_steps": self.grad_steps,
+            "due": self._due,
+            "rng": generator_state(self.rng),
+        }
+        if self.config.save_replay:
+            state["replay"] = self.buffer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q.load_state_dict(state["q"])
+        self.q_target.load_state_dict(state["q_target"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state.get("steps", 0))
+        self.grad_steps = int(state.get("grad_steps", 0))
+        self._due = int(state.get("due", 0))
+        if "rng" in state:
+            set_generator_state(self.rng, state["rng"])
+        if "replay" in state:
+            self.buffer.load_state_dict(state["replay"])
+
+
+def build(
+    config: Config,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    total_steps: int | None = None,
+) -> DQN:
+    return DQN(config, observation_space, action_space, device, seed, total_steps=total_steps)

@@ -1,0 +1,423 @@
+"""Soft Actor-Critic for continuous (Box) actions: twin critics with Polyak-averaged targets, a
+tanh-squashed Gaussian actor with the exact log-probability of the squashed action, and automatic
+entropy tuning.
+
+The actor works in the squashed space [-1, 1]^d; actions are scaled affinely to the env's bounds
+on the way out, and actions coming back in `observe()` (from this learner or from any remote
+source) are mapped back to [-1, 1] before the critics see them.
+
+One gradient step, for a sampled batch (s, a, G, s', terminated, discount = γ^k):
+
+    ã, log π(ã|s)   ~ actor(s)                          (reparameterised, u ~ N(μ, σ), ã = tanh u,
+                                                          log π = log N(u) − Σ log(1 − tanh² u))
+    α-loss          = −log α · (log π(ã|s) + H_target)    (auto entropy; H_target = −dim(A))
+    y               = G + discount · (1 − terminated) · (min_i Q'_i(s', ã') − α · log π(ã'|s'))
+    critic-loss     = ½ Σ_i mean((Q_i(s, a) − y)²)
+    actor-loss      = mean(α · log π(ã|s) − min_i Q_i(s, ã))
+    targets         θ' ← τ·θ + (1 − τ)·θ'
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, ClassVar, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from tether.algos.base import ActOut, Transitions
+from tether.algos.dqn import adam
+from tether.buffers.replay import ReplayBuffer
+from tether.checkpoint import generator_state, set_generator_state
+from tether.config import ConfigError
+from tether.nets import ACTIVATIONS, RunningNorm, mlp
+
+log = logging.getLogger(__name__)
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Config(BaseModel):
+    """The `training` section for SAC. Step counts are in transitions observed unless noted."""
+
+    model_config = ConfigDict(extra="forbid")
+    LIVE_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"learning_rate", "tau", "train_freq", "gradient_steps", "ent_coef", "max_grad_norm"}
+    )
+
+    algorithm: Literal["sac"] = "sac"
+    learning_rate: float = Field(3e-4, gt=0.0, description="for the actor, the critics and α")
+    buffer_size: int = Field(1_000_000, ge=1, description="replay capacity in transitions")
+    learning_starts: int = Field(
+        100, ge=0, description="transitions of uniform random actions before learning"
+    )
+    batch_size: int = Field(256, ge=1)
+    discount_factor: float = Field(0.99, ge=0.0, le=1.0)
+    tau: float = Field(0.005, gt=0.0, le=1.0)
+    train_freq: int = Field(1, ge=1, description="transitions observed per round of gradient steps")
+    gradient_steps: int = Field(1, ge=1, description="gradient steps per round")
+    target_update_interval: int = Field(1, ge=1, description="gradient steps between target updates")
+    ent_coef: float | Literal["auto"] = Field("auto", description="α, or 'auto' to tune it")
+    ent_coef_init: float = Field(1.0, gt=0.0, description="starting α when ent_coef is 'auto'")
+    target_entropy: float | Literal["auto"] = Field("auto", description="'auto' = −dim(action)")
+    actor_fc_layers: list[int] = Field(default_factory=lambda: [256, 256])
+    critic_fc_layers: list[int] = Field(default_factory=lambda: [256, 256])
+    activation: str = "relu"
+    n_step: int = Field(1, ge=1, le=100)
+    prioritized: bool = False
+    per_alpha: float = Field(0.6, ge=0.0)
+    per_beta_start: float = Field(0.4, ge=0.0, le=1.0)
+    per_beta_steps: int | None = Field(
+        None, ge=1, description="transitions to anneal β to 1 (default: total_steps)"
+    )
+    max_grad_norm: float | None = Field(None, gt=0.0)
+    anneal_lr: bool = Field(False, description="decay the learning rate linearly to 0 over total_steps")
+    normalize_obs: bool = Field(False, description="running mean/std normalisation of observations")
+    save_replay: bool = Field(True, description="include the replay buffer in checkpoints")
+
+
+# ---------------------------------------------------------------------------------- networks
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied as one batched matmul: (E, B, in) → (E, B, out)."""
+
+    def __init__(self, members: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per member
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    """Two Q-networks Q_i(s, a) evaluated together; returns (2, B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], activation: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        last = obs_dim + act_dim
+        for width in hidden:
+            layers += [EnsembleLinear(2, last, width), ACTIVATIONS[activation]()]
+            last = width
+        layers.append(EnsembleLinear(2, last, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=1)
+        return self.net(x.expand(2, *x.shape)).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """Gaussian policy head over the unsquashed action u; ã = tanh(u) ∈ [-1, 1]^d."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], activation: str) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, 2 * act_dim, activation)
+        self.act_dim = act_dim
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).split(self.act_dim, dim=1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self(obs)
+        return squashed_sample(mean, log_std)
+
+
+def squashed_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised ã = tanh(u), u ~ N(mean, exp(log_std)), and log π(ã) summed over dims.
+
+    The change of variables gives log π(ã) = log N(u) − Σ log(1 − tanh² u); the second term is
+    computed as 2·(log 2 − u − softplus(−2u)), which is exact and stays finite for large |u|."""
+    std = log_std.exp()
+    noise = torch.randn_like(mean)
+    u = mean + std * noise
+    log_normal = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(1)
+    log_det = (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(1)
+    return torch.tanh(u), log_normal - log_det
+
+
+class SquashedPolicy(nn.Module):
+    """Deterministic export: raw observation → tanh(mean) scaled to the env's bounds."""
+
+    def __init__(self, actor: Actor, norm: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
+        super().__init__()
+        self.actor, self.norm = actor, norm
+        self.register_buffer("action_center", (high + low) / 2)
+        self.register_buffer("action_scale", (high - low) / 2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        mean, _ = self.actor(self.norm(obs.reshape(obs.shape[0], -1).float()))
+        return self.action_center + self.action_scale * torch.tanh(mean)
+
+
+# ---------------------------------------------------------------------------------- learner
+class SAC:
+    """The SAC learner (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        if (
+            not isinstance(action_space, gym.spaces.Box)
+            or not np.all(np.isfinite(action_space.low))
+            or not np.all(np.isfinite(action_space.high))
+        ):
+            raise ConfigError(
+                "training.algorithm sac needs bounded Box actions; use dqn or ppo for this env."
+            )
+        if not isinstance(observation_space, gym.spaces.Box):
+            raise ConfigError("training.algorithm sac needs Box observations.")
+        self.config = c = config
+        self.observation_space, self.action_space = observation_space, action_space
+        self.device = torch.device(device)
+        self.obs_dim = int(np.prod(observation_space.shape))
+        self.act_dim = int(np.prod(action_space.shape))
+        self.act_shape = tuple(action_space.shape)
+        low = torch.as_tensor(action_space.low, dtype=torch.float32).reshape(-1)
+        high = torch.as_tensor(action_space.high, dtype=torch.float32).reshape(-1)
+        self.center, self.half = ((high + low) / 2).to(self.device), ((high - low) / 2).to(self.device)
+        self.rng = np.random.default_rng(seed)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            self.actor = Actor(self.obs_dim, self.act_dim, c.actor_fc_layers, c.activation).to(self.device)
+            self.critic = TwinQ(self.obs_dim, self.act_dim, c.critic_fc_layers, c.activation).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.norm: nn.Module = (
+            RunningNorm((self.obs_dim,)).to(self.device) if c.normalize_obs else nn.Identity()
+        )
+        self.log_alpha = torch.tensor(math.log(c.ent_coef_init), device=self.device, requires_grad=True)
+        self.target_entropy = -float(self.act_dim) if c.target_entropy == "auto" else float(c.target_entropy)
+        self.actor_opt = adam(self.actor.parameters(), c.learning_rate, self.device)
+        self.critic_opt = adam(self.critic.parameters(), c.learning_rate, self.device)
+        self.alpha_opt = adam([self.log_alpha], c.learning_rate, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.buffer = ReplayBuffer.for_spaces(
+            c.buffer_size,
+            observation_space,
+            action_space,
+            n_step=c.n_step,
+            gamma=c.discount_factor,
+            prioritized=c.prioritized,
+            alpha=c.per_alpha,
+            beta_start=c.per_beta_start,
+            beta_steps=c.per_beta_steps or total_steps or 100_000,
+            seed=seed + 1,
+        )
+        log.info("sac: %s", self.buffer.describe())
+        self.total_steps = total_steps
+        self.steps = 0
+        self.grad_steps = 0
+        self._due = 0
+
+    @property
+    def learning_rate(self) -> float:
+        c = self.config
+        if not c.anneal_lr or not self.total_steps:
+            return c.learning_rate
+        return c.learning_rate * max(0.0, 1.0 - self.steps / self.total_steps)
+
+    # ------------------------------------------------------------------------ acting
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), device=self.device)
+
+    def _obs(self, obs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = obs if isinstance(obs, torch.Tensor) else self._tensor(obs)
+        return self.norm(t.reshape(t.shape[0], -1).float())
+
+    def act(self, obs: np.ndarray, explore: bool = True) -> ActOut:
+        obs = np.asarray(obs)
+        n = obs.shape[0]
+        if explore and self.steps < self.config.learning_starts:  # uniform warm-up, as in the paper
+            squashed = self.rng.uniform(-1.0, 1.0, (n, self.act_dim)).astype(np.float32)
+            action = self.center.cpu().numpy() + self.half.cpu().numpy() * squashed
+            return ActOut(action.reshape(n, *self.act_shape))
+        with torch.no_grad():
+            mean, log_std = self.actor(self._obs(obs))
+            if explore:
+                u = mean + log_std.exp() * torch.randn(
+                    mean.shape, generator=self.generator, device=self.device
+                )
+            else:
+                u = mean
+            action = self.center + self.half * torch.tanh(u)
+        return ActOut(action.cpu().numpy().reshape(n, *self.act_shape))
+
+    def observe(self, batch: Transitions) -> None:
+        self.buffer.add(batch)
+        if self.config.normalize_obs:
+            self.norm.update(np.asarray(batch.obs).reshape(len(batch), -1))
+        before = self.steps
+        self.steps += len(batch)
+        self._due += max(0, self.steps - max(before, self.config.learning_starts))
+
+    def ready(self) -> bool:
+        c = self.config
+        return self._due >= c.train_freq and len(self.buffer) >= c.batch_size
+
+    # ------------------------------------------------------------------------ learning
+    def update(self) -> dict[str, float]:
+        c = self.config
+        rounds, self._due = divmod(self._due, c.train_freq)
+        for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
+            for group in opt.param_groups:
+                group["lr"] = self.learning_rate
+        auto = c.ent_coef == "auto"
+        stats: list[torch.Tensor] = []
+        for b in self.buffer.sample_tensors(c.batch_size, rounds * c.gradient_steps, self.device):
+            obs, next_obs = self._obs(b.obs), self._obs(b.next_obs)
+            action = (b.action.reshape(-1, self.act_dim) - self.center) / self.half  # env scale → [-1, 1]
+
+            # Entropy temperature α (uses the pre-step value for this step's losses).
+            pi_action, logp = self.actor.sample(obs)
+            alpha = (
+                self.log_alpha.detach().exp() if auto else torch.tensor(float(c.ent_coef), device=self.device)
+            )
+            if auto:
+                alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+                self.alpha_opt.zero_grad(set_to_none=True)
+                alpha_loss.backward()
+                self.alpha_opt.step()
+
+            # Critics: soft Bellman target from the target critics and a fresh next action.
+            with torch.no_grad():
+                next_action, next_logp = self.actor.sample(next_obs)
+                next_q = self.critic_target(next_obs, next_action).min(0).values - alpha * next_logp
+                target = b.reward + b.discount * b.not_done * next_q
+            q = self.critic(obs, action)
+            td = q - target
+            if c.prioritized:
+                critic_loss = 0.5 * (b.weights * td.pow(2)).mean(1).sum()
+            else:
+                critic_loss = 0.5 * td.pow(2).mean(1).sum()
+            self.critic_opt.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            if c.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
+            self.critic_opt.step()
+            if c.prioritized:
+                self.buffer.update_priorities(b.indices, td.detach().abs().mean(0).cpu().numpy())
+
+            # Actor: maximise min-Q plus entropy; the critics are frozen for this backward pass.
+            self.critic.requires_grad_(False)
+            actor_loss = (alpha * logp - self.critic(obs, pi_action).min(0).values).mean()
+            self.actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            if c.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
+            self.actor_opt.step()
+            self.critic.requires_grad_(True)
+
+            self.grad_steps += 1
+            if self.grad_steps % c.target_update_interval == 0:
+                with torch.no_grad():
+                    torch._foreach_lerp_(
+                        list(self.critic_target.parameters()), list(self.critic.parameters()), c.tau
+                    )
+            stats.append(
+                torch.stack(
+                    [
+                        critic_loss.detach(),
+                        actor_loss.detach(),
+                        alpha,
+                        q.detach().mean(),
+                        -logp.detach().mean(),
+                    ]
+                )
+            )
+
+        metrics = {
+            "grad_steps": float(self.grad_steps),
+            "buffer_size": float(len(self.buffer)),
+            "learning_rate": self.learning_rate,
+        }
+        if stats:
+            critic_l, actor_l, alpha_v, q_mean, entropy = torch.stack(stats).mean(0).tolist()
+            metrics.update(
+                {
+                    "critic_loss": critic_l,
+                    "actor_loss": actor_l,
+                    "ent_coef": alpha_v,
+                    "q_mean": q_mean,
+                    "entropy": entropy,
+                }
+            )
+        return metrics
+
+    # ------------------------------------------------------------------------ export / state
+    def policy(self) -> nn.Module:
+        """tanh(mean) scaled to the action bounds, for raw observations (normalisation inside)."""
+        return (
+            SquashedPolicy(
+                copy.deepcopy(self.actor).cpu(),
+                copy.deepcopy(self.norm).cpu(),
+                self.center.cpu() - self.half.cpu(),
+                self.center.cpu() + self.half.cpu(),
+            )
+            .eval()
+            .requires_grad_(False)
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "norm": self.norm.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "alpha_opt": self.alpha_opt.state_dict(),
+            "steps": self.steps,
+            "grad_steps": self.grad_steps,
+            "due": self._due,
+            "rng": generator_state(self.rng),
+            "torch_rng": self.generator.get_state(),
+        }
+        if self.config.save_replay:
+            state["replay"] = self.buffer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        self.norm.load_state_dict(state.get("norm", {}))
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        for name in ("actor_opt", "critic_opt", "alpha_opt"):
+            if name in state:
+                getattr(self, name).load_state_dict(state[name])
+        self.steps = int(state.get("steps", 0))
+        self.grad_steps = int(state.get("grad_steps", 0))
+        self._due = int(state.get("due", 0))
+        if "rng" in state:
+            set_generator_state(self.rng, state["rng"])
+        if "torch_rng" in state:
+            self.generator.set_state(state["torch_rng"])
+        if "replay" in state:
+            self.buffer.load_state_dict(state["replay"])
+
+
+def build(
+    config: Config,
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    total_steps: int | None = None,
+) -> SAC:
+    return SAC(config, observation_space, action_space, device, seed, total_steps=total_steps)
