@@ -3,7 +3,8 @@
 Each case trains from scratch for the same number of env steps with the same hyperparameters
 (taken from the Tether preset and mapped onto SB3's arguments), the same torch thread count and
 one env, and reports env steps per second of the whole training loop (acting, env, replay,
-gradient steps) for each, and the ratio.
+gradient steps) for each, and the ratio — per wall-clock second and per CPU second of the
+process (the steadier figure on a shared machine).
 
     python benchmarks/bench_offpolicy_speed.py                 # DQN CartPole-v1 + SAC Pendulum-v1
     python benchmarks/bench_offpolicy_speed.py --only sac --sac-steps 5000 --repeats 3
@@ -28,8 +29,16 @@ import torch
 from tether.config import load_config
 from tether.trainer import Trainer
 
+Speed = tuple[float, float]  # (env steps per wall second, env steps per CPU second of this process)
 
-def tether_run(preset: str, steps: int, threads: int, overrides: list[str]) -> float:
+
+def _timed(run: Any, steps: int) -> Speed:
+    wall, cpu = time.perf_counter(), time.process_time()
+    done = run() or steps
+    return done / (time.perf_counter() - wall), done / (time.process_time() - cpu)
+
+
+def tether_run(preset: str, steps: int, threads: int, overrides: list[str]) -> Speed:
     config, _ = load_config(
         preset,
         [
@@ -43,13 +52,16 @@ def tether_run(preset: str, steps: int, threads: int, overrides: list[str]) -> f
     )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, Path(tmp) / "run")
-        start = time.perf_counter()
-        result = trainer.run()
-        elapsed = time.perf_counter() - start
-    return result.steps / elapsed
+        return _timed(lambda: trainer.run().steps, steps)
 
 
-def sb3_dqn(steps: int, threads: int, seed: int = 0) -> float:
+def _lr(c: Any) -> Any:
+    """The preset's learning rate as SB3 takes it (a linear schedule when annealed)."""
+    rate = float(c.learning_rate)
+    return (lambda remaining: rate * remaining) if c.anneal_lr else rate
+
+
+def sb3_dqn(steps: int, threads: int, seed: int = 0) -> Speed:
     from stable_baselines3 import DQN
 
     c = load_config("cartpole-dqn")[0].training
@@ -57,7 +69,7 @@ def sb3_dqn(steps: int, threads: int, seed: int = 0) -> float:
     model = DQN(
         "MlpPolicy",
         "CartPole-v1",
-        learning_rate=c.learning_rate,
+        learning_rate=_lr(c),
         buffer_size=c.buffer_size,
         learning_starts=c.learning_starts,
         batch_size=c.batch_size,
@@ -76,12 +88,10 @@ def sb3_dqn(steps: int, threads: int, seed: int = 0) -> float:
         device="cpu",
         seed=seed,
     )
-    start = time.perf_counter()
-    model.learn(total_timesteps=steps)
-    return steps / (time.perf_counter() - start)
+    return _timed(lambda: model.learn(total_timesteps=steps) and steps, steps)
 
 
-def sb3_sac(steps: int, threads: int, seed: int = 0) -> float:
+def sb3_sac(steps: int, threads: int, seed: int = 0) -> Speed:
     from stable_baselines3 import SAC
 
     c = load_config("pendulum-sac")[0].training
@@ -89,7 +99,7 @@ def sb3_sac(steps: int, threads: int, seed: int = 0) -> float:
     model = SAC(
         "MlpPolicy",
         "Pendulum-v1",
-        learning_rate=c.learning_rate,
+        learning_rate=_lr(c),
         buffer_size=c.buffer_size,
         learning_starts=c.learning_starts,
         batch_size=c.batch_size,
@@ -104,19 +114,20 @@ def sb3_sac(steps: int, threads: int, seed: int = 0) -> float:
         device="cpu",
         seed=seed,
     )
-    start = time.perf_counter()
-    model.learn(total_timesteps=steps)
-    return steps / (time.perf_counter() - start)
+    return _timed(lambda: model.learn(total_timesteps=steps) and steps, steps)
 
 
-def compare(name: str, ours: Any, peer: Any, repeats: int) -> tuple[float, float]:
-    t_ours, t_peer = [], []
+def compare(name: str, ours: Any, peer: Any, repeats: int) -> None:
+    runs_ours, runs_peer = [], []
     for _ in range(repeats):  # interleaved, so load changes hit both sides alike
-        t_ours.append(ours())
-        t_peer.append(peer())
-    a, b = statistics.median(t_ours), statistics.median(t_peer)
-    print(f"{name:<28} tether {a:9.0f} steps/s   sb3 {b:9.0f} steps/s   ratio {a / b:5.2f}x")
-    return a, b
+        runs_ours.append(ours())
+        runs_peer.append(peer())
+    wall_o, cpu_o = (statistics.median(x) for x in zip(*runs_ours, strict=True))
+    wall_p, cpu_p = (statistics.median(x) for x in zip(*runs_peer, strict=True))
+    print(
+        f"{name:<26} wall: tether {wall_o:7.0f} sb3 {wall_p:7.0f} steps/s ratio {wall_o / wall_p:5.2f}x | "
+        f"CPU: tether {cpu_o:7.0f} sb3 {cpu_p:7.0f} steps/CPU-s ratio {cpu_o / cpu_p:5.2f}x"
+    )
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from tether.algos import Learner
 from tether.config import JobConfig
-from tether.envs import make_single_env, make_vector_env
+from tether.envs import evaluation_environment, make_single_env, make_vector_env
 
 
 @dataclass
@@ -35,7 +35,7 @@ def evaluate(
     successes: list[float] = []
     while len(returns) < episodes:
         n = min(max_parallel, episodes - len(returns))
-        env_cfg = config.environment.model_copy(update={"num_envs": n})
+        env_cfg = evaluation_environment(config.environment, num_envs=n)
         env = make_vector_env(env_cfg, config.rewards)
         try:
             obs, _ = env.reset(seed=seed + len(returns))
@@ -71,7 +71,7 @@ def record_gif(
     """Play one episode with the deterministic policy and save it as an animated GIF."""
     from PIL import Image
 
-    env = make_single_env(config.environment, config.rewards, render_mode="rgb_array")
+    env = make_single_env(evaluation_environment(config.environment), config.rewards, render_mode="rgb_array")
     frames = []
     try:
         obs, _ = env.reset(seed=seed)

@@ -100,6 +100,28 @@ class MlpActorCritic(ActorCritic):
         return out.argmax(-1) if self.discrete else out
 
 
+class AngleFeatures(nn.Module):
+    """Replaces the angle entries of a flat observation by their sine and cosine (appended after the
+    other entries, which keep their order): headings of +π and −π are one direction, and a network
+    fed the raw angle has to learn that jump, which makes driving west much harder than east."""
+
+    def __init__(self, obs_dim: int, angle_indices: list[int]) -> None:
+        super().__init__()
+        bad = [i for i in angle_indices if not 0 <= i < obs_dim]
+        if bad or len(set(angle_indices)) != len(angle_indices):
+            raise ValueError(
+                f"angle indices {angle_indices} must be distinct positions in a {obs_dim}-D observation"
+            )
+        keep = [i for i in range(obs_dim) if i not in set(angle_indices)]
+        self.register_buffer("keep", torch.tensor(keep, dtype=torch.long))
+        self.register_buffer("angles", torch.tensor(angle_indices, dtype=torch.long))
+        self.out_dim = len(keep) + 2 * len(angle_indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x[..., self.angles]
+        return torch.cat([x[..., self.keep], torch.sin(a), torch.cos(a)], dim=-1)
+
+
 class RunningNorm(nn.Module):
     """Running mean/variance of observations (parallel-variance merge), applied as
     `clip((x - mean) / sqrt(var + eps))`. Stored as buffers so it is saved, loaded and exported."""

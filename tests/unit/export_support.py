@@ -56,7 +56,9 @@ def make_learner(kind: str) -> tuple[Any, gym.Space[Any], gym.Space[Any], Any]:
 
         env_id = "tether/Lunabotics-v0" if kind == "ppo_box" else "CartPole-v1"
         obs_space, act_space = _spaces(env_id)
-        cfg = ppo.Config(rollout_steps=16, num_epochs=2, batch_size=32)
+        # The Lunabotics preset's heading feature (sin/cos of obs[4]) goes through export too.
+        angles = [4] if kind == "ppo_box" else []
+        cfg = ppo.Config(rollout_steps=16, num_epochs=2, batch_size=32, angle_obs=angles)
         learner = ppo.build(cfg, obs_space, act_space, "cpu", 0, num_envs=4)
         recorded = _train_on_env(learner, env_id, 4, 48)
         assert learner.updates >= 2 and learner.obs_norm is not None

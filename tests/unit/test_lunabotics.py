@@ -620,3 +620,37 @@ def test_heuristic_controller_solves_most_episodes_within_the_step_limit() -> No
     assert finished.all()
     assert success.mean() >= 0.9
     assert returns[success].mean() > 300  # bonuses 10 + 50 + 100 + 200 minus small costs
+
+
+def test_carry_start_curriculum_starts_some_rovers_holding_in_the_excavation_zone() -> None:
+    plain = LunaboticsVectorEnv(64, LunaboticsConfig())
+    curriculum = LunaboticsVectorEnv(64, LunaboticsConfig(carry_start_fraction=0.5))
+    obs_plain, _ = plain.reset(seed=11)
+    obs_cur, _ = curriculum.reset(seed=11)
+    carrying = obs_cur[:, 7] == 1.0
+    assert 16 <= carrying.sum() <= 48  # about half of 64
+    assert np.all(obs_cur[carrying, 6] == ZONE_EXCAVATION)
+    assert not obs_plain[:, 7].any()
+    # The layout of an arena does not depend on the curriculum; rovers that start normally match.
+    np.testing.assert_array_equal(plain.core.obs_x, curriculum.core.obs_x)
+    np.testing.assert_array_equal(plain.core.orb_x, curriculum.core.orb_x)
+    np.testing.assert_array_equal(obs_plain[~carrying], obs_cur[~carrying])
+    # A carried orb starts the return leg: no excavation bonus, progress shaping toward construction.
+    row = int(np.flatnonzero(carrying)[0])
+    west = np.zeros((64, 3), np.float32)
+    curriculum.core.set_heading(np.array([row]), math.pi)
+    curriculum.core.refresh_distances()
+    _, reward, *_ = curriculum.step(west + np.array([1.0, 0.0, 0.0], np.float32))
+    assert reward[row] > 0.0
+
+
+def test_evaluation_environment_drops_the_curriculum() -> None:
+    from tether.envs import evaluation_environment
+
+    env_cfg = EnvironmentConfig(id=LUNABOTICS_ID, num_envs=4, carry_start_fraction=1.0, num_orbs=3)
+    train_obs, _ = make_vector_env(env_cfg).reset(seed=0)
+    assert train_obs[:, 7].all()
+    eval_cfg = evaluation_environment(env_cfg, num_envs=8)
+    assert eval_cfg.num_envs == 8 and eval_cfg.options == {"num_orbs": 3}
+    eval_obs, _ = make_vector_env(eval_cfg).reset(seed=0)
+    assert not eval_obs[:, 7].any()

@@ -5,6 +5,7 @@ import torch
 
 from tether.algos import Transitions
 from tether.algos.ppo import Config, build
+from tether.config import ConfigError
 
 
 def _spaces(kind):
@@ -102,3 +103,27 @@ def test_observation_normaliser_moves_between_rollouts_and_is_inside_policy():
     assert not torch.all(learner.obs_norm.mean == 0)
     norm_keys = [k for k in learner.policy().state_dict() if k.startswith("norm.")]
     assert {"norm.mean", "norm.var"} <= set(norm_keys)
+
+
+def test_angle_features_make_plus_and_minus_pi_one_heading():
+    rng = np.random.default_rng(3)
+    obs_space, act_space = _spaces("box")
+    cfg = Config(rollout_steps=4, batch_size=8, num_epochs=1, angle_obs=[2], actor_fc_layers=[8])
+    learner = build(cfg, obs_space, act_space, "cpu", seed=0, num_envs=2)
+    _fill(learner, 2, 4, rng)
+    learner.update()
+    # 4 entries in, 3 kept + sin + cos out; the normaliser covers the expanded features.
+    assert learner.obs_norm.mean.shape == (5,)
+    east = np.array([[0.5, -0.2, np.pi, 1.0], [0.5, -0.2, -np.pi, 1.0]], np.float32)
+    actions = learner.act(east, explore=False).action
+    np.testing.assert_allclose(actions[0], actions[1], atol=1e-5)
+    with torch.no_grad():
+        exported = learner.policy()(torch.from_numpy(east)).numpy()
+    np.testing.assert_allclose(exported, actions, atol=1e-6)
+
+
+@pytest.mark.parametrize("angles", [[4], [-1], [1, 1]])
+def test_angle_features_refuse_bad_indices(angles):
+    obs_space, act_space = _spaces("box")
+    with pytest.raises(ConfigError, match="angle_obs"):
+        build(Config(angle_obs=angles), obs_space, act_space, "cpu", seed=0, num_envs=1)

@@ -286,3 +286,11 @@ def test_nbytes_counts_preallocated_memory() -> None:
     # obs + next_obs (2 × 8 × 4) + action 8 + reward 4 + term 1 + trunc 1 + discount 4, + the tree
     assert buf.nbytes == 1000 * (64 + 8 + 4 + 1 + 1 + 4) + 2 * 1024 * 8
     assert "MiB" in buf.describe()
+
+
+def test_nstep_warns_when_batch_sizes_change_without_streams(caplog: pytest.LogCaptureFixture) -> None:
+    buf = ReplayBuffer(100, (1,), n_step=3)
+    buf.add(_batch(np.zeros((2, 1)), [0, 0], [0, 0], np.zeros((2, 1)), [0, 0], [0, 0]))
+    assert not caplog.records
+    buf.add(_batch(np.zeros((5, 1)), [0] * 5, [0] * 5, np.zeros((5, 1)), [0] * 5, [0] * 5))
+    assert "extras['stream']" in caplog.text

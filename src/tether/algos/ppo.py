@@ -20,7 +20,8 @@ from torch import nn
 from tether.algos.base import ActOut, Transitions
 from tether.buffers.returns import gae
 from tether.buffers.rollout import RolloutBuffer, flatten_obs
-from tether.nets import ActorCritic, MlpActorCritic, Obs, RunningNorm
+from tether.config import ConfigError
+from tether.nets import ActorCritic, AngleFeatures, MlpActorCritic, Obs, RunningNorm
 
 
 class Config(BaseModel):
@@ -51,20 +52,31 @@ class Config(BaseModel):
     value_fc_layers: list[int] = Field(default_factory=lambda: [256, 256])
     activation: Literal["tanh", "relu", "elu", "gelu"] = "tanh"
     log_std_init: float = 0.0
+    angle_obs: list[int] = Field(
+        default_factory=list,
+        description="observation indices that hold angles in radians; the policy sees their sine and cosine",
+    )
 
 
 class DeterministicPolicy(nn.Module):
     """Raw observation → deterministic action in the env's scale (what export and eval run)."""
 
     def __init__(
-        self, net: ActorCritic, norm: RunningNorm | None, low: np.ndarray | None, high: np.ndarray | None
+        self,
+        net: ActorCritic,
+        norm: RunningNorm | None,
+        low: np.ndarray | None,
+        high: np.ndarray | None,
+        features: AngleFeatures | None = None,
     ):
         super().__init__()
-        self.net, self.norm = net, norm
+        self.net, self.norm, self.features = net, norm, features
         self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32) if low is not None else None)
         self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32) if high is not None else None)
 
     def forward(self, obs: Obs) -> torch.Tensor:
+        if self.features is not None and isinstance(obs, torch.Tensor):
+            obs = self.features(obs)
         if self.norm is not None and isinstance(obs, torch.Tensor):
             obs = self.norm(obs)
         action = self.net(obs)
@@ -92,10 +104,20 @@ class PPO:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         torch.manual_seed(seed)
         flat_obs = isinstance(observation_space, gym.spaces.Box)
+        self.features: AngleFeatures | None = None
+        net_obs_shape = observation_space.shape
+        if config.angle_obs:
+            if not (flat_obs and len(observation_space.shape) == 1):
+                raise ConfigError("training.angle_obs needs a flat Box observation space")
+            try:
+                self.features = AngleFeatures(observation_space.shape[0], config.angle_obs).to(self.device)
+            except ValueError as exc:
+                raise ConfigError(f"training.angle_obs: {exc}") from None
+            net_obs_shape = (self.features.out_dim,)
         if actor_critic is None:
             if not flat_obs:
                 raise TypeError("the default MLP policy needs a Box observation space; pass actor_critic")
-            obs_dim = int(np.prod(observation_space.shape))
+            obs_dim = int(np.prod(net_obs_shape))
             actor_critic = MlpActorCritic(
                 obs_dim,
                 action_space,
@@ -106,9 +128,7 @@ class PPO:
             )
         self.net = actor_critic.to(self.device)
         self.obs_norm = (
-            RunningNorm(observation_space.shape).to(self.device)
-            if flat_obs and config.normalize_obs
-            else None
+            RunningNorm(net_obs_shape).to(self.device) if flat_obs and config.normalize_obs else None
         )
         self.ret_norm = RunningNorm(()).to(self.device) if config.normalize_reward else None
         self._returns = np.zeros(num_envs)
@@ -125,8 +145,7 @@ class PPO:
     def _prep(self, obs: Any) -> Obs:
         if isinstance(obs, dict):
             return {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in obs.items()}
-        x = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
-        return self.obs_norm(x) if self.obs_norm is not None else x
+        return self._preprocess(torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device))
 
     def _env_action(self, raw: torch.Tensor) -> np.ndarray:
         if self.discrete:
@@ -177,14 +196,18 @@ class PPO:
     def _values_of(self, obs: Obs, chunk: int = 4096) -> torch.Tensor:
         n = next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]
         out = [
-            self.net.value(self._norm_only(flatten_obs_slice(obs, i, i + chunk))) for i in range(0, n, chunk)
+            self.net.value(self._preprocess(flatten_obs_slice(obs, i, i + chunk))) for i in range(0, n, chunk)
         ]
         return torch.cat(out) if out else torch.zeros(0, device=self.device)
 
-    def _norm_only(self, obs: Obs) -> Obs:
-        if self.obs_norm is not None and isinstance(obs, torch.Tensor):
-            return self.obs_norm(obs.float())
-        return obs
+    def _preprocess(self, obs: Obs) -> Obs:
+        """Raw flat observations → what the network takes (angle features, then normalisation)."""
+        if not isinstance(obs, torch.Tensor):
+            return obs
+        obs = obs.float()
+        if self.features is not None:
+            obs = self.features(obs)
+        return self.obs_norm(obs) if self.obs_norm is not None else obs
 
     def update(self) -> dict[str, float]:
         cfg, buf = self.config, self.buffer
@@ -221,7 +244,7 @@ class PPO:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        b_obs = flat_obs if isinstance(flat_obs, dict) else self._norm_only(flat_obs)
+        b_obs = flat_obs if isinstance(flat_obs, dict) else self._preprocess(flat_obs)
         b_act = buf.actions[:steps].reshape(steps * n, *buf.actions.shape[2:])
         b_logp, b_adv = buf.logp[:steps].reshape(-1), adv.reshape(-1)
         b_ret, b_val = returns.reshape(-1), values.reshape(-1)
@@ -267,7 +290,8 @@ class PPO:
 
         if self.obs_norm is not None and isinstance(flat_obs, torch.Tensor):
             # Statistics move between rollouts, never inside one, so stored log-probs stay valid.
-            self.obs_norm.update(flat_obs.cpu().numpy())
+            feats = self.features(flat_obs.float()) if self.features is not None else flat_obs
+            self.obs_norm.update(feats.cpu().numpy())
         buf.reset()
         self.updates += 1
         var_ret = b_ret.var().item()
@@ -285,7 +309,7 @@ class PPO:
         n = actions.shape[0]
         parts = []
         for i in range(0, n, chunk):
-            o = self._norm_only(flatten_obs_slice(obs, i, i + chunk))
+            o = self._preprocess(flatten_obs_slice(obs, i, i + chunk))
             parts.append(self.net.distribution(o).log_prob(actions[i : i + chunk]))
         return torch.cat(parts)
 
@@ -322,7 +346,7 @@ class PPO:
         low = high = None
         if isinstance(self.action_space, gym.spaces.Box):
             low, high = self.action_space.low, self.action_space.high
-        return DeterministicPolicy(self.net, self.obs_norm, low, high).eval()
+        return DeterministicPolicy(self.net, self.obs_norm, low, high, self.features).eval()
 
 
 def _truncate(obs: Obs, steps: int) -> Obs:

@@ -135,6 +135,8 @@ class ReplayBuffer:
         self._w_rew = np.zeros((0, self.n_step), np.float64)
         self._w_len = np.zeros(0, np.int64)
         self._powers = self.gamma ** np.arange(self.n_step + 1)
+        self._rows_seen: int | None = None
+        self._warned = False
 
     @classmethod
     def for_spaces(
@@ -210,6 +212,15 @@ class ReplayBuffer:
             self._write(obs, action, reward, next_obs, term, trunc, np.full(len(reward), self.gamma))
             return
         streams = batch.extras.get("stream") if batch.extras else None
+        if streams is None and self._rows_seen not in (None, len(reward)) and not self._warned:
+            self._warned = True
+            log.warning(
+                "n-step replay got batches of %d and %d rows without extras['stream']: rows are matched to "
+                "streams by position, which is only right for one row per env copy",
+                self._rows_seen,
+                len(reward),
+            )
+        self._rows_seen = len(reward)
         sid = (
             np.arange(len(reward))
             if streams is None

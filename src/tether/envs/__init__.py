@@ -77,6 +77,17 @@ def validate_environment(env_cfg: EnvironmentConfig, rewards: dict[str, float]) 
         )
 
 
+# Environment options that shape only the training distribution (curricula); evaluation and
+# recordings always play the task itself.
+TRAINING_ONLY_OPTIONS = frozenset({"carry_start_fraction"})
+
+
+def evaluation_environment(env_cfg: EnvironmentConfig, **update: Any) -> EnvironmentConfig:
+    """`env_cfg` without its training-only options (and with `update` applied), for evaluation."""
+    fields = {k: v for k, v in env_cfg.model_dump().items() if k not in TRAINING_ONLY_OPTIONS}
+    return EnvironmentConfig.model_validate({**fields, **update})
+
+
 def make_vector_env(
     env_cfg: EnvironmentConfig, rewards: dict[str, float] | None = None, render_mode: str | None = None
 ) -> gym.vector.VectorEnv:

@@ -36,6 +36,7 @@ from tether.envs.lunabotics_physics import (
     rover_extent,
     zone_of,
 )
+from tether.envs.lunabotics_route import route_cost_grid, sample_grid
 
 # Zone ids (observation index 6). A point belongs to the first zone in ZONE_PRECEDENCE that holds it.
 ZONE_OPEN = 0
@@ -138,6 +139,25 @@ class LunaboticsConfig(BaseModel):
         1, ge=1, le=64, description="deposits that end the episode (capped at num_orbs)"
     )
     render_pixels_per_meter: int = Field(100, ge=10, le=400)
+    obstacle_zone_cost: float = Field(
+        1.0,
+        ge=1.0,
+        le=100.0,
+        description=(
+            "progress shaping measures distance to a zone as travel cost, a metre inside the "
+            "obstacle zone costing this much (1: straight-line distance)"
+        ),
+    )
+    carry_start_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "training curriculum: share of episodes that start in the excavation zone already "
+            "holding an orb, facing any way, so the return leg is practised from the first update "
+            "(evaluation always starts in the starting zone)"
+        ),
+    )
 
     @field_validator("rock_radius_max", "crater_radius_max")
     @classmethod
@@ -204,6 +224,13 @@ class LunaboticsCore:
         self._zone_rects = [(z, *zones[z]) for z in ZONE_PRECEDENCE]
         self._rect_exc = zones[ZONE_EXCAVATION]
         self._rect_con = zones[ZONE_CONSTRUCTION]
+        self._route: tuple[np.ndarray, np.ndarray] | None = None
+        if config.obstacle_zone_cost > 1.0:
+            w, h, costly = config.world_width, config.world_height, zones[ZONE_OBSTACLE]
+            self._route = (
+                route_cost_grid(w, h, self._rect_exc, costly, config.obstacle_zone_cost),
+                route_cost_grid(w, h, self._rect_con, costly, config.obstacle_zone_cost),
+            )
         sx, sy = config.world_width / _BASE_W, config.world_height / _BASE_H
         self.spawn_rect = tuple(v * f for v, f in zip(BASE_SPAWN, (sx, sy, sx, sy), strict=True))
         self._hl = config.rover_half_length
@@ -231,7 +258,8 @@ class LunaboticsCore:
         self._touch_window = (ox0 - reach, ox1 + reach, oy0 - reach, oy1 + reach)
         self._see_obstacle_window = (ox0 - config.sensor_range - slack, ox1 + config.sensor_range + slack)
         self._see_orb_window = (ex0 - config.sensor_range - slack, math.inf)
-        self._draw_size = 3 + 2 * k + 2 * k * PLACEMENT_TRIES + 2 * o
+        # Carry-start draws come last so layouts for a seed do not depend on the curriculum.
+        self._draw_size = 3 + 2 * k + 2 * k * PLACEMENT_TRIES + 2 * o + 4
 
         f64 = np.float64
         self.x = np.zeros(n, f64)
@@ -386,6 +414,19 @@ class LunaboticsCore:
             self.orb_on_ground[:, idx] = True
 
         self.holding[idx] = False
+        carry = take(4)
+        if cfg.carry_start_fraction > 0.0:
+            # Curriculum: these rovers start in the excavation zone with an orb, facing any way.
+            pick = carry[:, 0] < cfg.carry_start_fraction
+            rows = idx[pick]
+            ex0, ey0, ex1, ey1 = self._rect_exc
+            margin = cfg.rover_half_length + ORB_MARGIN
+            ex1 = min(ex1, cfg.world_width)
+            ey1 = min(ey1, cfg.world_height)
+            self.x[rows] = ex0 + margin + carry[pick, 1] * (ex1 - ex0 - 2.0 * margin)
+            self.y[rows] = ey0 + margin + carry[pick, 2] * (ey1 - ey0 - 2.0 * margin)
+            self.set_heading(rows, (2.0 * carry[pick, 3] - 1.0) * math.pi)
+            self.holding[rows] = True
         self.deposits[idx] = 0
         self.steps[idx] = 0
         self.contact_obstacle[idx] = False
@@ -402,8 +443,15 @@ class LunaboticsCore:
         """Recompute zone distances (the shaping baseline), e.g. after moving a rover by hand."""
         x, y = self.x[idx], self.y[idx]
         self.zone[idx] = zone_of(x, y, self._zone_rects)
-        self.dist_excavation[idx] = distance_to_rect(x, y, self._rect_exc)
-        self.dist_construction[idx] = distance_to_rect(x, y, self._rect_con)
+        self.dist_excavation[idx], self.dist_construction[idx] = self.zone_distances(x, y)
+
+    def zone_distances(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(to the excavation zone, to the construction zone): the progress shaping's distances,
+        straight-line or route cost (see `obstacle_zone_cost` and lunabotics_route)."""
+        if self._route is None:
+            return distance_to_rect(x, y, self._rect_exc), distance_to_rect(x, y, self._rect_con)
+        w, h = self.cfg.world_width, self.cfg.world_height
+        return sample_grid(self._route[0], w, h, x, y), sample_grid(self._route[1], w, h, x, y)
 
     # ------------------------------------------------------------ observation
 
@@ -516,8 +564,7 @@ class LunaboticsCore:
         x, y = self.x, self.y
         zone = zone_of(x, y, self._zone_rects)
         self.zone = zone
-        d_exc = distance_to_rect(x, y, self._rect_exc)
-        d_con = distance_to_rect(x, y, self._rect_con)
+        d_exc, d_con = self.zone_distances(x, y)
         holding = self.holding
         # Masks multiply rather than np.where (see lunabotics_physics): x * 1 + y * 0 is exact.
         reward = holding * (rew.progress_toward_construction * (self.dist_construction - d_con))

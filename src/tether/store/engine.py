@@ -161,6 +161,8 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         try:
+            # First, so every pragma below (WAL needs a lock on a fresh file) waits for other openers.
+            cur.execute("PRAGMA busy_timeout=30000")
             # Big pages for a new file (no effect on an existing one): experience rows are ~300
             # bytes and appended in bulk; 64 KiB pages insert ~20% faster than the default 4 KiB.
             cur.execute("PRAGMA page_size=65536")
@@ -168,7 +170,6 @@ def _install_sqlite_hooks(engine: Engine) -> None:
             # FULL: a commit is on disk when it returns, so "reported committed" survives power loss.
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA temp_store=MEMORY")
             cur.execute("PRAGMA cache_size=-65536")
         finally:
