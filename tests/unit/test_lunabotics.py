@@ -654,3 +654,38 @@ def test_evaluation_environment_drops_the_curriculum() -> None:
     assert eval_cfg.num_envs == 8 and eval_cfg.options == {"num_orbs": 3}
     eval_obs, _ = make_vector_env(eval_cfg).reset(seed=0)
     assert not eval_obs[:, 7].any()
+
+
+def test_route_cost_matches_straight_distance_in_the_open_and_goes_round_the_obstacle_zone() -> None:
+    from tether.envs.lunabotics_physics import distance_to_rect
+    from tether.envs.lunabotics_route import route_cost_grid, sample_grid
+
+    con, obstacle = (0.0, 3.0, 2.0, 5.0), (2.2, 1.8, 4.8, 5.0)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 6.8, 500), rng.uniform(0, 5.0, 500)
+    flat = sample_grid(route_cost_grid(6.8, 5.0, con, obstacle, 1.0), 6.8, 5.0, x, y)
+    straight = distance_to_rect(x, y, con)
+    assert np.all(np.abs(flat - straight) <= 0.03 * np.maximum(straight, 1.0))
+    dear = route_cost_grid(6.8, 5.0, con, obstacle, 4.0)
+    # East of the obstacle zone, the way home is down to the lane, along it and up the left side.
+    lane_route = np.hypot(5.5 - 4.8, 3.5 - 1.8) + (4.8 - 2.2) + np.hypot(0.2, 1.2)
+    got = float(sample_grid(dear, 6.8, 5.0, np.array([5.5]), np.array([3.5]))[0])
+    assert abs(got - lane_route) <= 0.03 * lane_route
+    # Inside the target the cost is 0, and it falls monotonically along the lane going west.
+    assert float(sample_grid(dear, 6.8, 5.0, np.array([1.0]), np.array([4.0]))[0]) == 0.0
+    lane = sample_grid(dear, 6.8, 5.0, np.linspace(6.0, 2.5, 20), np.full(20, 1.0))
+    assert np.all(np.diff(lane) < 0)
+    with pytest.raises(ValueError):
+        dear[0, 0] = 1.0  # cached and shared: read-only
+
+
+def test_route_shaping_pays_driving_home_along_the_lane() -> None:
+    env = bare_env(only("progress_toward_construction", 2.0), obstacle_zone_cost=4.0)
+    core = env.core
+    core.x[0], core.y[0], core.holding[0] = 5.0, 1.0, True
+    core.set_heading(np.array([0]), math.pi)
+    core.refresh_distances()
+    before = float(core.dist_construction[0])
+    _, reward, *_ = env.step(FORWARD)
+    assert reward > 0.0
+    assert reward == pytest.approx(2.0 * (before - float(core.dist_construction[0])))
