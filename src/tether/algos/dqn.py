@@ -19,7 +19,6 @@ The update, for a sampled batch (s, a, G, s', terminated, discount = γ^k):
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
@@ -30,12 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tether.algos.base import ActOut, Transitions
-from tether.buffers.replay import ReplayBuffer
+from tether.algos.offpolicy import ReplayLearner, adam, linear_schedule
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
 from tether.nets import ACTIVATIONS, mlp
-
-log = logging.getLogger(__name__)
 
 
 class Config(BaseModel):
@@ -87,11 +84,6 @@ class Config(BaseModel):
     save_replay: bool = Field(True, description="include the replay buffer in checkpoints")
 
 
-def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where the device supports it (fewer tiny ops)."""
-    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
-
-
 class ObsEncoder(nn.Module):
     """Raw observations → float features: Box flattened, Discrete one-hot."""
 
@@ -137,7 +129,7 @@ class QNetwork(nn.Module):
         return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
 
 
-class DQN:
+class DQN(ReplayLearner):
     """The DQN learner (see the module docstring)."""
 
     def __init__(
@@ -167,40 +159,13 @@ class DQN:
         self.q.to(self.device)
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
         self.optimizer = adam(self.q.parameters(), c.learning_rate, self.device)
-        self.buffer = ReplayBuffer.for_spaces(
-            c.buffer_size,
-            observation_space,
-            action_space,
-            n_step=c.n_step,
-            gamma=c.discount_factor,
-            prioritized=c.prioritized,
-            alpha=c.per_alpha,
-            beta_start=c.per_beta_start,
-            beta_steps=c.per_beta_steps or total_steps or 100_000,
-            priority_eps=c.per_eps,
-            seed=seed + 1,
-        )
-        log.info("dqn: %s", self.buffer.describe())
-        self.total_steps = total_steps
-        self.steps = 0  # transitions observed
-        self.grad_steps = 0
-        self._due = 0  # transitions observed since the last round, after learning_starts
-
-    @property
-    def learning_rate(self) -> float:
-        c = self.config
-        if not c.anneal_lr or not self.total_steps:
-            return c.learning_rate
-        return c.learning_rate * max(0.0, 1.0 - self.steps / self.total_steps)
+        self._init_replay("dqn", observation_space, action_space, seed, total_steps, priority_eps=c.per_eps)
 
     # ------------------------------------------------------------------------ acting
     @property
     def epsilon(self) -> float:
         c = self.config
-        if c.epsilon_decay_steps <= 0:
-            return c.epsilon_end
-        frac = min(1.0, self.steps / c.epsilon_decay_steps)
-        return c.epsilon_start + frac * (c.epsilon_end - c.epsilon_start)
+        return linear_schedule(c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps, self.steps)
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), device=self.device)
@@ -218,19 +183,12 @@ class DQN:
         return ActOut(actions)
 
     def observe(self, batch: Transitions) -> None:
-        self.buffer.add(batch)
-        before = self.steps
-        self.steps += len(batch)
-        self._due += max(0, self.steps - max(before, self.config.learning_starts))
-
-    def ready(self) -> bool:
-        c = self.config
-        return self._due >= c.train_freq and len(self.buffer) >= c.batch_size
+        self._count(batch)
 
     # ------------------------------------------------------------------------ learning
     def update(self) -> dict[str, float]:
         c = self.config
-        rounds, self._due = divmod(self._due, c.train_freq)
+        rounds = self._take_rounds()
         for group in self.optimizer.param_groups:  # live changes take effect here
             group["lr"] = self.learning_rate
         losses, q_means = [], []
@@ -294,13 +252,9 @@ class DQN:
             "q": self.q.state_dict(),
             "q_target": self.q_target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "steps": self.steps,
-            "grad_steps": self.grad_steps,
-            "due": self._due,
             "rng": generator_state(self.rng),
+            **self._counter_state(),
         }
-        if self.config.save_replay:
-            state["replay"] = self.buffer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,13 +262,9 @@ class DQN:
         self.q_target.load_state_dict(state["q_target"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.steps = int(state.get("steps", 0))
-        self.grad_steps = int(state.get("grad_steps", 0))
-        self._due = int(state.get("due", 0))
         if "rng" in state:
             set_generator_state(self.rng, state["rng"])
-        if "replay" in state:
-            self.buffer.load_state_dict(state["replay"])
+        self._load_counter_state(state)
 
 
 def build(

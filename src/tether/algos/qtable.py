@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.algos.base import ActOut, Transitions
+from tether.algos.offpolicy import linear_schedule
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
 from tether.errors import TetherError
@@ -113,10 +114,7 @@ class QTableLearner:
     @property
     def epsilon(self) -> float:
         c = self.config
-        if c.epsilon_decay_steps <= 0:
-            return c.epsilon_end
-        frac = min(1.0, self.steps / c.epsilon_decay_steps)
-        return c.epsilon_start + frac * (c.epsilon_end - c.epsilon_start)
+        return linear_schedule(c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps, self.steps)
 
     def _row(self, state: Hashable, extra: Iterable[Any] | None = None) -> dict[Hashable, float]:
         """The state's action values, creating the state and any new actions at `initial_q`."""

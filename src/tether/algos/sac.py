@@ -20,7 +20,6 @@ One gradient step, for a sampled batch (s, a, G, s', terminated, discount = γ^k
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from typing import Any, ClassVar, Literal
 
@@ -32,13 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tether.algos.base import ActOut, Transitions
-from tether.algos.dqn import adam
-from tether.buffers.replay import ReplayBuffer
+from tether.algos.offpolicy import ReplayLearner, adam
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
 from tether.nets import ACTIVATIONS, RunningNorm, mlp
-
-log = logging.getLogger(__name__)
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
@@ -159,7 +155,7 @@ class SquashedPolicy(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- learner
-class SAC:
+class SAC(ReplayLearner):
     """The SAC learner (see the module docstring)."""
 
     def __init__(
@@ -205,30 +201,7 @@ class SAC:
         self.critic_opt = adam(self.critic.parameters(), c.learning_rate, self.device)
         self.alpha_opt = adam([self.log_alpha], c.learning_rate, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.buffer = ReplayBuffer.for_spaces(
-            c.buffer_size,
-            observation_space,
-            action_space,
-            n_step=c.n_step,
-            gamma=c.discount_factor,
-            prioritized=c.prioritized,
-            alpha=c.per_alpha,
-            beta_start=c.per_beta_start,
-            beta_steps=c.per_beta_steps or total_steps or 100_000,
-            seed=seed + 1,
-        )
-        log.info("sac: %s", self.buffer.describe())
-        self.total_steps = total_steps
-        self.steps = 0
-        self.grad_steps = 0
-        self._due = 0
-
-    @property
-    def learning_rate(self) -> float:
-        c = self.config
-        if not c.anneal_lr or not self.total_steps:
-            return c.learning_rate
-        return c.learning_rate * max(0.0, 1.0 - self.steps / self.total_steps)
+        self._init_replay("sac", observation_space, action_space, seed, total_steps)
 
     # ------------------------------------------------------------------------ acting
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
@@ -257,21 +230,14 @@ class SAC:
         return ActOut(action.cpu().numpy().reshape(n, *self.act_shape))
 
     def observe(self, batch: Transitions) -> None:
-        self.buffer.add(batch)
+        self._count(batch)
         if self.config.normalize_obs:
             self.norm.update(np.asarray(batch.obs).reshape(len(batch), -1))
-        before = self.steps
-        self.steps += len(batch)
-        self._due += max(0, self.steps - max(before, self.config.learning_starts))
-
-    def ready(self) -> bool:
-        c = self.config
-        return self._due >= c.train_freq and len(self.buffer) >= c.batch_size
 
     # ------------------------------------------------------------------------ learning
     def update(self) -> dict[str, float]:
         c = self.config
-        rounds, self._due = divmod(self._due, c.train_freq)
+        rounds = self._take_rounds()
         for opt in (self.actor_opt, self.critic_opt, self.alpha_opt):
             for group in opt.param_groups:
                 group["lr"] = self.learning_rate
@@ -381,14 +347,10 @@ class SAC:
             "actor_opt": self.actor_opt.state_dict(),
             "critic_opt": self.critic_opt.state_dict(),
             "alpha_opt": self.alpha_opt.state_dict(),
-            "steps": self.steps,
-            "grad_steps": self.grad_steps,
-            "due": self._due,
             "rng": generator_state(self.rng),
             "torch_rng": self.generator.get_state(),
+            **self._counter_state(),
         }
-        if self.config.save_replay:
-            state["replay"] = self.buffer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -401,15 +363,11 @@ class SAC:
         for name in ("actor_opt", "critic_opt", "alpha_opt"):
             if name in state:
                 getattr(self, name).load_state_dict(state[name])
-        self.steps = int(state.get("steps", 0))
-        self.grad_steps = int(state.get("grad_steps", 0))
-        self._due = int(state.get("due", 0))
         if "rng" in state:
             set_generator_state(self.rng, state["rng"])
         if "torch_rng" in state:
             self.generator.set_state(state["torch_rng"])
-        if "replay" in state:
-            self.buffer.load_state_dict(state["replay"])
+        self._load_counter_state(state)
 
 
 def build(

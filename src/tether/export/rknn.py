@@ -13,12 +13,7 @@ file with ONNX Runtime: the API is the same.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,10 +21,9 @@ from typing import Any
 import numpy as np
 
 from tether.checkpoint import atomic_write_bytes
+from tether.export.external import find_python, run_worker
 from tether.export.onnx import ExportResult, TensorSpec, as_input_dict, write_sidecar
 from tether.export.runtime import ExportError, read_sidecar
-
-log = logging.getLogger(__name__)
 
 RKNN_PYTHON_ENV = "TETHER_RKNN_PYTHON"
 DEFAULT_RKNN_PYTHON = Path("~/.cache/tether/rknn-venv/bin/python")
@@ -79,19 +73,12 @@ reply(ok=True, outputs=len(outs))
 
 def find_rknn_python() -> str:
     """The Python that can run rknn-toolkit2, or an ExportError that says how to make one."""
-    configured = os.environ.get(RKNN_PYTHON_ENV)
-    if configured:
-        if not Path(configured).is_file():
-            raise ExportError(f"{RKNN_PYTHON_ENV}={configured} does not exist; {SETUP_HINT}.")
-        return configured
-    if importlib.util.find_spec("rknn") is not None:
-        return sys.executable
-    default = DEFAULT_RKNN_PYTHON.expanduser()
-    if default.is_file():
-        return str(default)
-    raise ExportError(
-        "RKNN export needs rknn-toolkit2 in its own environment (it pins an old torch and numpy); "
-        f"{SETUP_HINT}."
+    return find_python(
+        RKNN_PYTHON_ENV,
+        DEFAULT_RKNN_PYTHON,
+        "rknn",
+        "RKNN export needs rknn-toolkit2 in its own environment (it pins an old torch and numpy)",
+        SETUP_HINT,
     )
 
 
@@ -135,7 +122,7 @@ def export_rknn(
             args["dataset"] = _write_dataset(work, calibration, names)
         (work / "args.json").write_text(json.dumps(args), encoding="utf-8")
         (work / "worker.py").write_text(WORKER, encoding="utf-8")
-        reply = _run_worker(python, work, timeout)
+        reply = run_worker("RKNN", python, work, timeout, SETUP_HINT)
         if not reply.get("ok"):
             if reply.get("kind") == "missing":
                 raise ExportError(f"{python} has no rknn-toolkit2 ({reply.get('detail')}); {SETUP_HINT}.")
@@ -193,32 +180,3 @@ def _write_dataset(work: Path, calibration: dict[str, np.ndarray], names: list[s
     dataset = work / "dataset.txt"
     dataset.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(dataset)
-
-
-def _run_worker(python: str, work: Path, timeout: float) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    try:
-        proc = subprocess.run(
-            [python, str(work / "worker.py"), str(work / "args.json")],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=work,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise ExportError(f"the RKNN conversion took more than {timeout:.0f} s and was stopped.") from None
-    except OSError as exc:
-        raise ExportError(
-            f"cannot start the RKNN environment's Python {python} ({exc.strerror}); {SETUP_HINT}."
-        ) from None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("TETHER-RESULT "):
-            reply: dict[str, Any] = json.loads(line[len("TETHER-RESULT ") :])
-            return reply
-    log.debug("RKNN worker output:\n%s\n%s", proc.stdout[-4000:], proc.stderr[-4000:])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    raise ExportError(
-        f"the RKNN environment's Python {python} failed (exit {proc.returncode}: {tail}); {SETUP_HINT}."
-    )

@@ -16,12 +16,8 @@ The environment is found, in order, at `$TETHER_TFLITE_PYTHON`, in the running i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,7 @@ import numpy as np
 import torch
 
 from tether.checkpoint import atomic_write_bytes
+from tether.export.external import find_python, run_worker
 from tether.export.onnx import (
     ExportResult,
     TensorSpec,
@@ -94,17 +91,13 @@ reply(ok=True, output_keys=out_keys, input_keys=in_keys)
 
 def find_tflite_python() -> str:
     """The Python that can run litert-torch, or an ExportError that says how to make one."""
-    configured = os.environ.get(TFLITE_PYTHON_ENV)
-    if configured:
-        if not Path(configured).is_file():
-            raise ExportError(f"{TFLITE_PYTHON_ENV}={configured} does not exist; {SETUP_HINT}.")
-        return configured
-    if importlib.util.find_spec("litert_torch") is not None:
-        return sys.executable
-    default = DEFAULT_TFLITE_PYTHON.expanduser()
-    if default.is_file():
-        return str(default)
-    raise ExportError(f"TFLite export needs litert-torch in its own environment; {SETUP_HINT}.")
+    return find_python(
+        TFLITE_PYTHON_ENV,
+        DEFAULT_TFLITE_PYTHON,
+        "litert_torch",
+        "TFLite export needs litert-torch in its own environment",
+        SETUP_HINT,
+    )
 
 
 def export_tflite(
@@ -146,7 +139,7 @@ def export_tflite(
             "torch_version": torch.__version__.split("+")[0],
         }
         (work / "args.json").write_text(json.dumps(args), encoding="utf-8")
-        reply = _run_worker(python, work, timeout)
+        reply = run_worker("TFLite", python, work, timeout, SETUP_HINT, {"TF_CPP_MIN_LOG_LEVEL": "2"})
         if not reply.get("ok"):
             kind = reply.get("kind")
             if kind == "missing":
@@ -186,33 +179,3 @@ def export_tflite(
         "tflite", path, path.with_name(path.name + ".json"), path.stat().st_size, sidecar["sha256"], sidecar
     )
     return result, outputs
-
-
-def _run_worker(python: str, work: Path, timeout: float) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        proc = subprocess.run(
-            [python, str(work / "worker.py"), str(work / "args.json")],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=work,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise ExportError(f"the TFLite conversion took more than {timeout:.0f} s and was stopped.") from None
-    except OSError as exc:
-        raise ExportError(
-            f"cannot start the TFLite environment's Python {python} ({exc.strerror}); {SETUP_HINT}."
-        ) from None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("TETHER-RESULT "):
-            reply: dict[str, Any] = json.loads(line[len("TETHER-RESULT ") :])
-            return reply
-    log.debug("TFLite worker output:\n%s\n%s", proc.stdout[-4000:], proc.stderr[-4000:])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    raise ExportError(
-        f"the TFLite environment's Python {python} failed (exit {proc.returncode}: {tail}); {SETUP_HINT}."
-    )
