@@ -61,6 +61,23 @@ def _lr(c: Any) -> Any:
     return (lambda remaining: rate * remaining) if c.anneal_lr else rate
 
 
+def _sb3_common(c: Any, seed: int) -> dict[str, Any]:
+    """The replay settings both SB3 learners take, from a Tether off-policy `training` section."""
+    return {
+        "learning_rate": _lr(c),
+        "buffer_size": c.buffer_size,
+        "learning_starts": c.learning_starts,
+        "batch_size": c.batch_size,
+        "tau": c.tau,
+        "gamma": c.discount_factor,
+        "train_freq": c.train_freq,
+        "gradient_steps": c.gradient_steps,
+        "n_steps": c.n_step,
+        "device": "cpu",
+        "seed": seed,
+    }
+
+
 def sb3_dqn(steps: int, threads: int, seed: int = 0) -> Speed:
     from stable_baselines3 import DQN
 
@@ -69,15 +86,6 @@ def sb3_dqn(steps: int, threads: int, seed: int = 0) -> Speed:
     model = DQN(
         "MlpPolicy",
         "CartPole-v1",
-        learning_rate=_lr(c),
-        buffer_size=c.buffer_size,
-        learning_starts=c.learning_starts,
-        batch_size=c.batch_size,
-        tau=c.tau,
-        gamma=c.discount_factor,
-        train_freq=c.train_freq,
-        gradient_steps=c.gradient_steps,
-        n_steps=c.n_step,
         # Tether counts gradient steps between target syncs; SB3 counts env steps.
         target_update_interval=max(1, c.target_update_interval * c.train_freq // c.gradient_steps),
         exploration_fraction=c.epsilon_decay_steps / steps,
@@ -85,8 +93,7 @@ def sb3_dqn(steps: int, threads: int, seed: int = 0) -> Speed:
         exploration_final_eps=c.epsilon_end,
         max_grad_norm=c.max_grad_norm or 1e9,
         policy_kwargs={"net_arch": list(c.net_arch), "activation_fn": torch.nn.ReLU},
-        device="cpu",
-        seed=seed,
+        **_sb3_common(c, seed),
     )
     return _timed(lambda: model.learn(total_timesteps=steps) and steps, steps)
 
@@ -99,20 +106,10 @@ def sb3_sac(steps: int, threads: int, seed: int = 0) -> Speed:
     model = SAC(
         "MlpPolicy",
         "Pendulum-v1",
-        learning_rate=_lr(c),
-        buffer_size=c.buffer_size,
-        learning_starts=c.learning_starts,
-        batch_size=c.batch_size,
-        tau=c.tau,
-        gamma=c.discount_factor,
-        train_freq=c.train_freq,
-        gradient_steps=c.gradient_steps,
-        n_steps=c.n_step,
         ent_coef="auto" if c.ent_coef == "auto" else c.ent_coef,
         target_update_interval=c.target_update_interval,
         policy_kwargs={"net_arch": {"pi": list(c.actor_fc_layers), "qf": list(c.critic_fc_layers)}},
-        device="cpu",
-        seed=seed,
+        **_sb3_common(c, seed),
     )
     return _timed(lambda: model.learn(total_timesteps=steps) and steps, steps)
 

@@ -200,14 +200,17 @@ class PPO:
         ]
         return torch.cat(out) if out else torch.zeros(0, device=self.device)
 
+    def _featurize(self, obs: torch.Tensor) -> torch.Tensor:
+        """Raw flat observations → the features the normaliser sees (angles as sin/cos)."""
+        obs = obs.float()
+        return self.features(obs) if self.features is not None else obs
+
     def _preprocess(self, obs: Obs) -> Obs:
-        """Raw flat observations → what the network takes (angle features, then normalisation)."""
+        """Raw flat observations → what the network takes (features, then normalisation)."""
         if not isinstance(obs, torch.Tensor):
             return obs
-        obs = obs.float()
-        if self.features is not None:
-            obs = self.features(obs)
-        return self.obs_norm(obs) if self.obs_norm is not None else obs
+        feats = self._featurize(obs)
+        return self.obs_norm(feats) if self.obs_norm is not None else feats
 
     def update(self) -> dict[str, float]:
         cfg, buf = self.config, self.buffer
@@ -244,7 +247,8 @@ class PPO:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        b_obs = flat_obs if isinstance(flat_obs, dict) else self._preprocess(flat_obs)
+        feats = None if isinstance(flat_obs, dict) else self._featurize(flat_obs)
+        b_obs = flat_obs if feats is None else (self.obs_norm(feats) if self.obs_norm is not None else feats)
         b_act = buf.actions[:steps].reshape(steps * n, *buf.actions.shape[2:])
         b_logp, b_adv = buf.logp[:steps].reshape(-1), adv.reshape(-1)
         b_ret, b_val = returns.reshape(-1), values.reshape(-1)
@@ -288,9 +292,8 @@ class PPO:
             if cfg.target_kl is not None and kl_epoch and float(np.mean(kl_epoch)) > 1.5 * cfg.target_kl:
                 break
 
-        if self.obs_norm is not None and isinstance(flat_obs, torch.Tensor):
+        if self.obs_norm is not None and feats is not None:
             # Statistics move between rollouts, never inside one, so stored log-probs stay valid.
-            feats = self.features(flat_obs.float()) if self.features is not None else flat_obs
             self.obs_norm.update(feats.cpu().numpy())
         buf.reset()
         self.updates += 1

@@ -33,6 +33,17 @@ class MQTTOptionsError(TetherError):
     """A bad flag, environment variable or add-on option."""
 
 
+# Broker credentials, shared by the server and the simulated devices.
+UsernameOption = Annotated[
+    str | None,
+    typer.Option("--username", "-u", help="MQTT username (or env MQTT_USERNAME)", envvar="MQTT_USERNAME"),
+]
+PasswordOption = Annotated[
+    str | None,
+    typer.Option("--password", help="MQTT password (or env MQTT_PASSWORD)", envvar="MQTT_PASSWORD"),
+]
+
+
 def _env_bool(name: str) -> bool | None:
     raw = os.environ.get(name)
     if raw is None:
@@ -152,16 +163,8 @@ def register(app: typer.Typer, sim_app: typer.Typer) -> None:
             str | None, typer.Option("--broker", "-b", help="MQTT broker address [localhost]")
         ] = None,
         port: Annotated[int | None, typer.Option("--port", "-p", help="MQTT broker port [1883]")] = None,
-        username: Annotated[
-            str | None,
-            typer.Option(
-                "--username", "-u", help="MQTT username (or env MQTT_USERNAME)", envvar="MQTT_USERNAME"
-            ),
-        ] = None,
-        password: Annotated[
-            str | None,
-            typer.Option("--password", help="MQTT password (or env MQTT_PASSWORD)", envvar="MQTT_PASSWORD"),
-        ] = None,
+        username: UsernameOption = None,
+        password: PasswordOption = None,
         dqn: Annotated[
             bool | None, typer.Option("--dqn/--qtable", help="Deep Q-Network instead of a Q-table")
         ] = None,
@@ -271,16 +274,8 @@ def register(app: typer.Typer, sim_app: typer.Typer) -> None:
     def sim_android(
         broker: Annotated[str, typer.Option("--broker", "-b", help="MQTT broker address")] = "localhost",
         port: Annotated[int, typer.Option("--port", "-p", help="MQTT broker port")] = 1883,
-        username: Annotated[
-            str | None,
-            typer.Option(
-                "--username", "-u", help="MQTT username (or env MQTT_USERNAME)", envvar="MQTT_USERNAME"
-            ),
-        ] = None,
-        password: Annotated[
-            str | None,
-            typer.Option("--password", help="MQTT password (or env MQTT_PASSWORD)", envvar="MQTT_PASSWORD"),
-        ] = None,
+        username: UsernameOption = None,
+        password: PasswordOption = None,
         apps: Annotated[int, typer.Option("--apps", min=1, max=1000, help="number of simulated apps")] = 2,
         devices: Annotated[
             int, typer.Option("--devices", min=1, max=500, help="number of simulated devices")

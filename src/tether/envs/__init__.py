@@ -77,14 +77,13 @@ def validate_environment(env_cfg: EnvironmentConfig, rewards: dict[str, float]) 
         )
 
 
-# Environment options that shape only the training distribution (curricula); evaluation and
-# recordings always play the task itself.
-TRAINING_ONLY_OPTIONS = frozenset({"carry_start_fraction"})
-
-
 def evaluation_environment(env_cfg: EnvironmentConfig, **update: Any) -> EnvironmentConfig:
-    """`env_cfg` without its training-only options (and with `update` applied), for evaluation."""
-    fields = {k: v for k, v in env_cfg.model_dump().items() if k not in TRAINING_ONLY_OPTIONS}
+    """`env_cfg` without the env's training-only options (curricula: evaluation and recordings
+    always play the task itself), with `update` applied."""
+    training_only: frozenset[str] = frozenset()
+    if _is_lunabotics(env_cfg.id):
+        from tether.envs.lunabotics import TRAINING_ONLY_OPTIONS as training_only
+    fields = {k: v for k, v in env_cfg.model_dump().items() if k not in training_only}
     return EnvironmentConfig.model_validate({**fields, **update})
 
 

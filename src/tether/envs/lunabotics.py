@@ -96,6 +96,10 @@ ORB_MARGIN = 0.3
 _FAR = -1.0e3
 
 
+# Options that shape only the training distribution; `tether.envs.evaluation_environment` drops them.
+TRAINING_ONLY_OPTIONS = frozenset({"carry_start_fraction"})
+
+
 class LunaboticsConfig(BaseModel):
     """Physics and arena options (the `environment` section of a job config)."""
 
