@@ -5,10 +5,11 @@ normaliser and action clipping inside), exported with `tether.export`. Every eng
 thread in this process. Each figure is the best of several timing rounds (each round the mean of
 many calls), which filters out other processes on a shared machine.
 
-ONNX Runtime is timed three ways: `load_runtime(...).run(obs)` (Tether's API: dtype and shape
-checks each call), `session.run` with the output name bound once, and `run_with_iobinding`
-with input and output buffers bound once (the device loop: copy the new observation into the
-bound buffer, run, read the bound action buffer).
+ONNX Runtime is timed three ways: `load_runtime(...).run(obs)` (Tether's API: a shape check,
+then its own bound buffers and a `RunOptions` made once for a single observation),
+`session.run` with the output name bound once, and `run_with_iobinding` with input and output
+buffers bound once (the device loop: copy the new observation into the bound buffer, run, read
+the bound action buffer).
 
     python benchmarks/bench_inference.py            # prints a table and ratios vs eager torch
     python benchmarks/bench_inference.py --json     # one JSON object

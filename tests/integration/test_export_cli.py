@@ -213,3 +213,92 @@ def test_user_mistake_is_one_line_on_stderr_and_exit_2(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr + proc.stdout
         assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+# --- tether export --all over a registry query ---------------------------------------------------
+@pytest.fixture
+def registry(tmp_path: Path, luna_run: tuple[Path, Any]) -> str:
+    """A real SQLite registry: `rover` v1 (staging) and v2 (production) point at the trained
+    checkpoint, `rover-cut` v1 at a truncated copy, `rover-onnx` v1 at an ONNX file and
+    `monster` v1 at the checkpoint again."""
+    from tether.store import open_store
+
+    run, _ = luna_run
+    data = (run / "final.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "policy.onnx").write_bytes(b"onnx")
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    with open_store(url) as store:
+        store.models.register("rover", run / "final.pt", algorithm="ppo")
+        store.models.register("rover", run / "final.pt", algorithm="ppo")
+        store.models.promote("rover", 2)
+        store.models.register("rover-cut", tmp_path / "cut.pt", algorithm="ppo")
+        store.models.register("rover-onnx", tmp_path / "policy.onnx")
+        store.models.register("monster", run / "final.pt", algorithm="ppo")
+    return url
+
+
+def test_export_all_exports_the_rest_when_one_fails(registry: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke(
+        "export", "--all", "rover*", "--db", registry, "--out", str(out), "--no-record", "--samples", "16"
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    ok = [line for line in lines if line.startswith("✓")]
+    bad = [line for line in lines if line.startswith("✗")]
+    assert len(ok) == 1 and ok[0].startswith("✓ rover@2 (production) → ") and "policy.onnx" in ok[0]
+    assert len(bad) == 1 and bad[0].startswith("✗ rover-cut@1: ") and "truncated" in bad[0]
+    assert any("skipping 1 model(s)" in line and "rover-onnx@1 (onnx)" in line for line in lines)
+    assert "exported 1 of 2 model(s)" in result.output
+    assert "1 of 2 export(s) failed: rover-cut@1" in result.output
+    side = json.loads((out / "rover" / "2" / "policy.onnx.json").read_text())
+    assert side["registry"] == {"name": "rover", "version": 2, "stage": "production"}
+    assert side["source"]["checkpoint"] == "final.pt"
+    assert not (out / "rover-cut").exists() and not (out / "monster").exists()
+
+
+def test_export_all_version_query_json(registry: str, tmp_path: Path, luna_run: tuple[Path, Any]) -> None:
+    _, learner = luna_run
+    out = tmp_path / "out"
+    args = ["--db", registry, "--out", str(out), "--no-record", "--samples", "16", "--json"]
+    result = invoke("export", "--all", "*@1", "-f", "onnx-fp16", *args)
+    assert result.exit_code == 1, result.output  # rover-cut@1 is in the selection and fails
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert [m["model"] for m in data["models"]] == ["monster@1", "rover@1", "rover-cut@1"]
+    assert data["failed"] == ["rover-cut@1"]
+    good = {m["model"]: m for m in data["models"] if "error" not in m}
+    for ref in ("monster@1", "rover@1"):
+        names = {Path(f["path"]).name for f in good[ref]["files"]}
+        assert names == {"policy.onnx", "policy.fp16.onnx"}
+        assert all(f["verify"]["passed"] for f in good[ref]["files"] if "verify" in f)
+    policy = load_runtime(out / "rover" / "1" / "policy.onnx", "cpu")
+    obs = np.linspace(-1, 1, 28, dtype=np.float32)
+    expected = learner.act(obs[None], explore=False).action[0]
+    assert np.max(np.abs(policy.run(obs) - expected)) <= 1e-5
+    result = invoke("export", "--all", "rover@production", *args)
+    assert result.exit_code == 0, result.output
+    assert [m["model"] for m in json.loads(result.output.strip().splitlines()[-1])["models"]] == ["rover@2"]
+
+
+def test_export_all_mistakes_are_one_line_and_exit_2(registry: str, tmp_path: Path) -> None:
+    out = ["--out", str(tmp_path / "out")]
+    assert "matches no model" in _error(invoke("export", "--all", "drone*", "--db", registry, *out))
+    assert "neither a version number nor a stage" in _error(
+        invoke("export", "--all", "rover@nightly", "--db", registry, *out)
+    )
+    assert "--out" in _error(invoke("export", "--all", "rover", "--db", registry))
+    assert "--db selects the registry for --all" in _error(invoke("export", "--db", registry))
+    assert "or --all with a registry query" in _error(invoke("export"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "export", "--all", "drone*", "--db", registry, *out],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "registry query 'drone*' matches no model" in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -113,6 +113,34 @@ def test_named_inputs_and_outputs(out_dir: str) -> None:
     np.testing.assert_array_equal(out["action"], out["q_values"].argmax(axis=1))
 
 
+@pytest.mark.parametrize("kind", ["ppo_box", "ppo_discrete", "dqn"])
+def test_graph_has_no_no_op_casts(kind: str, out_dir: str) -> None:
+    """The outputs already have their exported dtype (float32 actions and Q-values, int64
+    argmax), so no Cast node is traced for them: ONNX Runtime would keep and run it."""
+    model = onnx.load(str(exported(kind, out_dir)))
+    assert "Cast" not in {n.op_type for n in model.graph.node}
+    lrn, obs_space, act_space, _ = learner(kind)
+    _, _, out_specs = build_graph(lrn.policy(), obs_space, act_space)
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in model.graph.output}
+    expected = {s.name: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)) for s in out_specs}
+    assert dtypes == expected
+
+
+def test_a_policy_of_another_dtype_is_still_cast_to_the_contract(tmp_path: Path) -> None:
+    space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    policy = torch.nn.Sequential(torch.nn.Linear(4, 2).double(), torch.nn.Tanh())
+
+    class Float64Policy(torch.nn.Module):
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            return policy(obs.double())
+
+    path = export_onnx(
+        Float64Policy(), space, gym.spaces.Box(-1.0, 1.0, (2,), np.float32), tmp_path / "p.onnx"
+    ).path
+    out = load_runtime(path, provider="cpu").run(np.zeros((3, 4), np.float32))
+    assert out.dtype == np.float32 and out.shape == (3, 2)
+
+
 def test_dict_inputs_keep_their_dtypes(out_dir: str) -> None:
     model = onnx.load(str(exported("rgbd", out_dir)))
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}

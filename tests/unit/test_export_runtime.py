@@ -57,6 +57,49 @@ def test_runs_single_observations_and_batches(model: Path) -> None:
         rt.run({"proprio": np.zeros(6)})
 
 
+def test_single_observation_run_all_and_threads_use_the_bound_buffers(tmp_path: Path) -> None:
+    """A Q-network's two outputs through the bound fast path equal the batch path, results are
+    fresh arrays, and threads sharing one runtime each get their own observation's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(1)
+    net = mlp(6, [16], 3).eval()
+    path = export_onnx(net, OBS, gym.spaces.Discrete(3), tmp_path / "q.onnx").path
+    rt = load_runtime(path, provider="cpu")
+    assert rt.output_names == ["action", "q_values"]
+    batch = np.random.default_rng(1).uniform(-5, 5, (64, 6)).astype(np.float32)
+    full = rt.run_all(batch)
+    first = rt.run_all(batch[0])
+    np.testing.assert_array_equal(first["action"], full["action"][0])
+    np.testing.assert_array_equal(first["q_values"], full["q_values"][0])
+    assert first["q_values"] is not rt.run_all(batch[0])["q_values"]
+    np.testing.assert_array_equal(rt.run(batch[5].astype(np.float64)), full["action"][5])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: rt.run(batch[i % 64]), range(2000)))
+    np.testing.assert_array_equal(np.stack(got), np.resize(full["action"], 2000))
+
+
+def test_a_discrete_state_runs_as_a_0d_observation(tmp_path: Path) -> None:
+    class Table(torch.nn.Module):  # a Q-table over 5 states as a policy: argmax per state
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Parameter(torch.randn(5, 3))
+
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            return self.q[obs]
+
+    torch.manual_seed(2)
+    path = export_onnx(
+        Table().eval(), gym.spaces.Discrete(5), gym.spaces.Discrete(3), tmp_path / "t.onnx"
+    ).path
+    rt = load_runtime(path, provider="cpu")
+    states = np.arange(5, dtype=np.int64)
+    actions = rt.run(states)
+    for state in states:
+        got = rt.run(np.asarray(state))  # a 0-d array takes the bound fast path
+        assert isinstance(got, np.integer) and got == actions[state]
+
+
 @pytest.mark.parametrize("provider", ["cuda", "directml", "coreml", "openvino", "npu", "coral"])
 def test_absent_accelerator_falls_back_to_cpu_with_one_log_line(
     model: Path, provider: str, caplog: pytest.LogCaptureFixture

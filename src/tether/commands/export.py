@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,8 +56,75 @@ def _print_results(results: list[Any], out_dir: Path) -> None:
     console.print(table)
 
 
+@dataclass
+class _ExportOptions:
+    """What `tether export` does to each source (one run, or every model of an --all query)."""
+
+    fmt: str
+    opset: int
+    verify: bool
+    optimize: bool
+    calibration: Path | None
+    int8: str | None
+    name: str
+    samples: int
+    exporter: str
+    rknn_target: str
+    record: bool
+
+
+def _export_source(
+    source: Path, out: Path | None, opts: _ExportOptions, extra_meta: dict[str, Any] | None = None
+) -> tuple[Path, Path, list[Any]]:
+    """Export one run directory or checkpoint: (checkpoint, output directory, results)."""
+    from tether.export.onnx import build_graph, export_learner, load_export_source, source_metadata
+    from tether.export.quantize import load_calibration
+    from tether.export.verify import record_observations
+
+    loaded = load_export_source(source)
+    ckpt: Path = loaded.checkpoint
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    out_dir = out if out is not None else run_dir / "exports"
+    _, in_specs, _ = build_graph(loaded.learner.policy(), loaded.observation_space, loaded.action_space)
+    recorded: Any = None
+    calib = None
+    if opts.calibration is not None:
+        calib = load_calibration(opts.calibration, in_specs)
+        recorded = calib if len(in_specs) > 1 else calib[in_specs[0].name]
+    elif opts.record:
+        recorded = record_observations(loaded.learner, loaded.config, n=opts.samples)
+    results = export_learner(
+        loaded.learner,
+        loaded.observation_space,
+        loaded.action_space,
+        out_dir,
+        opts.fmt,
+        name=opts.name,
+        opset=opts.opset,
+        exporter=opts.exporter,
+        verify=opts.verify,
+        optimize=opts.optimize,
+        n_verify=opts.samples,
+        recorded=recorded,
+        calibration=calib,
+        int8_mode=opts.int8,
+        rknn_target=opts.rknn_target,
+        metadata={**source_metadata(loaded), **(extra_meta or {})},
+    )
+    return ckpt, out_dir, results
+
+
 def export_cmd(
-    run: Annotated[Path, typer.Argument(help="A run directory or a checkpoint file.")],
+    run: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="RUN_OR_CHECKPOINT | QUERY",
+            # Rich markup would take "[@VERSION|@STAGE]" for a tag; "\\[" prints a bracket.
+            help="A run directory or a checkpoint file; with --all, a registry query "
+            "NAME\\[@VERSION|@STAGE] whose NAME may use * ? \\[...] (default: every model).",
+            show_default=False,
+        ),
+    ] = None,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="onnx, onnx-fp16, onnx-int8, tflite or rknn.")
     ] = "onnx",
@@ -69,7 +137,8 @@ def export_cmd(
         bool, typer.Option("--optimize", help="Also save ONNX Runtime's optimised graph (<name>.opt.onnx).")
     ] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Output directory (default: <run>/exports).")
+        Path | None,
+        typer.Option("--out", help="Output directory (default: <run>/exports; with --all: required)."),
     ] = None,
     calibration: Annotated[
         Path | None,
@@ -93,51 +162,47 @@ def export_cmd(
     record: Annotated[
         bool, typer.Option("--record/--no-record", help="Record observations from the job's environment.")
     ] = True,
+    export_all: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Export every registered model the query selects, each into <out>/<model>/<version>/.",
+        ),
+    ] = False,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="With --all: database URL; default $TETHER_DB, "
+            "else sqlite:///<$ML_DATA_DIR or ./data>/tether.db.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Export a trained policy for devices, with a JSON sidecar and an accuracy check."""
     import torch
 
-    from tether.export.onnx import DEFAULT_OPSET, FORMATS, export_learner, load_export_source, source_metadata
-    from tether.export.quantize import load_calibration
+    from tether.export.onnx import DEFAULT_OPSET, FORMATS
     from tether.export.runtime import ExportError
-    from tether.export.verify import record_observations
 
     if fmt not in FORMATS:
         raise ExportError(f"unsupported export format '{fmt}'; choose one of: {', '.join(FORMATS)}.")
+    opts = _ExportOptions(
+        fmt, opset if opset is not None else DEFAULT_OPSET, verify, optimize, calibration, int8, name,
+        samples, exporter, rknn_target, record,
+    )  # fmt: skip
+    if export_all:
+        _export_registry(run or "*", out, db, opts, as_json)
+        return
+    if db is not None:
+        raise ExportError("--db selects the registry for --all; pass --all with a query, or drop --db.")
+    if run is None:
+        raise ExportError(
+            "pass a run directory or checkpoint to export, or --all with a registry query "
+            "(e.g. tether export --all 'rover*@production' --out exports/)."
+        )
     torch.set_num_threads(1)
-    loaded = load_export_source(run)
-    ckpt: Path = loaded.checkpoint
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out_dir = out if out is not None else run_dir / "exports"
-    from tether.export.onnx import build_graph
-
-    _, in_specs, _ = build_graph(loaded.learner.policy(), loaded.observation_space, loaded.action_space)
-    recorded: Any = None
-    calib = None
-    if calibration is not None:
-        calib = load_calibration(calibration, in_specs)
-        recorded = calib if len(in_specs) > 1 else calib[in_specs[0].name]
-    elif record:
-        recorded = record_observations(loaded.learner, loaded.config, n=samples)
-    results = export_learner(
-        loaded.learner,
-        loaded.observation_space,
-        loaded.action_space,
-        out_dir,
-        fmt,
-        name=name,
-        opset=opset if opset is not None else DEFAULT_OPSET,
-        exporter=exporter,
-        verify=verify,
-        optimize=optimize,
-        n_verify=samples,
-        recorded=recorded,
-        calibration=calib,
-        int8_mode=int8,
-        rknn_target=rknn_target,
-        metadata=source_metadata(loaded),
-    )
+    ckpt, out_dir, results = _export_source(Path(run), out, opts)
     failed = [r for r in results if r.verify is not None and not r.verify.passed]
     if as_json:
         print(json.dumps({"checkpoint": str(ckpt), "files": [r.to_dict() for r in results]}))
@@ -146,6 +211,103 @@ def export_cmd(
     if verify and failed:
         names = ", ".join(r.path.name for r in failed)
         Console(stderr=True).print(f"[bold red]error:[/] {names} differ from PyTorch beyond the tolerance.")
+        raise typer.Exit(1)
+
+
+def _model_line(record: Any, out_dir: Path, results: list[Any]) -> str:
+    """One line per exported model: what was written and how it compared with PyTorch."""
+    parts = []
+    for r in results:
+        check = ""
+        if r.verify is not None:
+            verdict = "pass" if r.verify.passed else "FAIL"
+            check = f" {_fmt_diff(r.verify.max_abs_diff)} {verdict}"
+        parts.append(f"{r.path.name} {_fmt_size(r.size_bytes)}{check}")
+    return f"{record.ref} ({record.stage}) → {out_dir}: " + ", ".join(parts)
+
+
+def _export_registry(
+    query_text: str, out: Path | None, db: str | None, opts: _ExportOptions, as_json: bool
+) -> None:
+    """`tether export --all QUERY`: every selected model's checkpoint, one result line each;
+    a failed model does not stop the others, and any failure makes the exit code 1."""
+    import torch
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tether.errors import TetherError
+    from tether.export.runtime import ExportError
+    from tether.export.selection import parse_query, select_models
+    from tether.store import open_store
+
+    query = parse_query(query_text)
+    if out is None:
+        raise ExportError("--all exports several models; choose where with --out DIR.")
+    with open_store(db) as store:
+        selection = select_models(store, query)
+    torch.set_num_threads(1)
+    # Progress goes to stderr with --json, so stdout stays one JSON object.
+    shown = Console(stderr=True) if as_json else console
+    if selection.skipped:
+        refs = ", ".join(f"{r.ref} ({r.artifact_format})" for r in selection.skipped)
+        shown.print(f"skipping {len(selection.skipped)} model(s) that are not checkpoints: {escape(refs)}")
+    entries: list[dict[str, Any]] = []
+    progress = Progress(
+        TextColumn("[bold]export[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=shown,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("", total=len(selection.models))
+        for record in selection.models:
+            progress.update(task, description=escape(record.ref))
+            entry: dict[str, Any] = {"model": record.ref, "name": record.name, "version": record.version,
+                                     "stage": record.stage, "artifact": record.artifact_uri}  # fmt: skip
+            out_dir = out / record.name / str(record.version)
+            try:
+                if "://" in record.artifact_uri:
+                    raise ExportError(
+                        f"{record.artifact_uri} is a remote artifact; fetch it and register the local file."
+                    )
+                meta = {"registry": {"name": record.name, "version": record.version, "stage": record.stage}}
+                ckpt, out_dir, results = _export_source(Path(record.artifact_uri), out_dir, opts, meta)
+            except Exception as exc:
+                # One model's bad checkpoint (or an exporter bug on its graph) must not cost the
+                # others their export; a Tether error is already one sentence, others get a name.
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                entry["error"] = text if isinstance(exc, TetherError) else f"{exc.__class__.__name__}: {text}"
+                progress.console.print(
+                    f"[red]✗[/] {escape(record.ref)}: {escape(entry['error'])}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            else:
+                bad = [r.path.name for r in results if r.verify is not None and not r.verify.passed]
+                entry.update(checkpoint=str(ckpt), out=str(out_dir), files=[r.to_dict() for r in results])
+                if bad and opts.verify:
+                    entry["error"] = f"{', '.join(bad)} differ from PyTorch beyond the tolerance"
+                mark = "[red]✗[/]" if "error" in entry else "[green]✓[/]"
+                progress.console.print(
+                    f"{mark} {escape(_model_line(record, out_dir, results))}", highlight=False, soft_wrap=True
+                )
+            entries.append(entry)
+            progress.advance(task)
+    failed = [e["model"] for e in entries if "error" in e]
+    if as_json:
+        print(json.dumps({"query": str(query), "out": str(out), "models": entries, "failed": failed}))
+    else:
+        console.print(
+            f"exported {len(entries) - len(failed)} of {len(entries)} model(s) to {escape(str(out))}"
+        )
+    if failed:
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {len(failed)} of {len(entries)} export(s) failed: "
+            f"{escape(', '.join(failed))}.",
+            highlight=False,
+        )
         raise typer.Exit(1)
 
 

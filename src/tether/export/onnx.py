@@ -231,8 +231,14 @@ class PolicyGraph(nn.Module):
         obs: Any = dict(zip(self.keys, inputs, strict=True)) if self.keys else inputs[0]
         out = self.policy(obs)
         if self.q_values:
-            return out.argmax(-1), out.float()
-        return out.to(torch.int64) if self.discrete else out.float()
+            return out.argmax(-1), _as_dtype(out, torch.float32)
+        return _as_dtype(out, torch.int64 if self.discrete else torch.float32)
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # `.float()` on a float32 tensor still traces to a Cast node that ONNX Runtime keeps and
+    # runs (about 0.25 µs of a 8 µs batch-1 call); the dtype is static while tracing.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def build_graph(
@@ -331,6 +337,47 @@ def _run_exporter(
         torch.onnx.export(graph, args, str(target), **kwargs)
 
 
+def _drop_no_op_casts(data: bytes) -> bytes:
+    """The model without Cast nodes whose input already has the target type (a policy's own
+    `obs.float()` on a float32 input traces to one); ONNX Runtime's optimiser keeps them and
+    runs each one, about 0.25 µs of a 8 µs batch-1 call. Graph outputs are left as they are."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in subgraphs for n in graph.node for a in n.attribute):
+        return data  # names used inside If/Loop bodies are not rewritten here
+    try:
+        typed = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # an unusual graph just keeps its casts
+        return data
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.input, *typed.value_info, *typed.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    outputs = {o.name for o in graph.output}
+    renamed: dict[str, str] = {}
+    for node in list(graph.node):
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
+            continue
+        source = renamed.get(node.input[0], node.input[0])
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if to is None or types.get(source) != to:
+            continue
+        renamed[node.output[0]] = source
+        graph.node.remove(node)
+    if not renamed:
+        return data
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError:
+        return data
+    return model.SerializeToString()
+
+
 def _model_opset(data: bytes) -> int:
     import onnx
 
@@ -393,6 +440,7 @@ def export_onnx(
                 data = b""
                 continue
             used = name
+            data = _drop_no_op_casts(data)
             break
     if not data:
         raise ExportError(

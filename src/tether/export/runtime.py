@@ -12,6 +12,7 @@ CPU with one log line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -144,6 +145,20 @@ _ORT_DTYPES = {
 }
 
 
+class _BoundCall:
+    """The single-observation fast path: `call()` runs the session on the bound buffers, `obs`
+    is a view of the bound input row and `take()` copies out the first output's row (an array,
+    or a numpy scalar for a per-row scalar such as a discrete action), with no indexing per call."""
+
+    __slots__ = ("binding", "buffers", "call", "obs", "shape", "take")
+
+    def __init__(self, binding: Any, call: Any, obs: np.ndarray, buffers: list[np.ndarray]) -> None:
+        self.binding, self.call, self.obs, self.shape = binding, call, obs, obs.shape
+        self.buffers = buffers  # every bound output; the binding points into them
+        row = buffers[0][0, ...]  # a view even when the row is 0-d
+        self.take = row.copy if row.ndim else functools.partial(row.__getitem__, ())
+
+
 class OnnxRuntimePolicy:
     """An exported ONNX policy in an ONNX Runtime session."""
 
@@ -183,10 +198,13 @@ class OnnxRuntimePolicy:
         self._dtypes = [np.dtype(_ORT_DTYPES.get(i.type, np.float32)) for i in inputs]
         self._ranks = [len(i.shape) for i in inputs]
         self._first_output = self.output_names[:1]
-        self._single = self._bind_single(inputs)
+        # Made once: with run_options=None the binding builds a default RunOptions on every
+        # call, about 0.8 µs of a 8 µs batch-1 run.
+        self._run_options = ort.RunOptions()
+        self._single = self._bind_single(ort, inputs)
         self._single_lock = threading.Lock()  # the bound buffers serve one call at a time
 
-    def _bind_single(self, inputs: list[Any]) -> tuple[Any, np.ndarray, list[np.ndarray]] | None:
+    def _bind_single(self, ort: Any, inputs: list[Any]) -> _BoundCall | None:
         """Buffers bound once for the device loop (one observation per call): a call copies the
         observation in and runs, with no per-call allocation or name lookup. CPU only, single
         input, fixed shapes apart from the batch axis."""
@@ -201,13 +219,18 @@ class OnnxRuntimePolicy:
             return None
         bound_in = np.zeros((1, *inputs[0].shape[1:]), self._dtypes[0])
         bound_out = [np.zeros((1, *o.shape[1:]), dt) for o, dt in zip(outputs, out_dtypes, strict=True)]
+        # Bound CPU buffers need no device synchronisation after the run.
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         binding = self.session.io_binding()
         binding.bind_input(
             inputs[0].name, "cpu", 0, bound_in.dtype, list(bound_in.shape), bound_in.ctypes.data
         )
         for o, buf in zip(outputs, bound_out, strict=True):
             binding.bind_output(o.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-        return binding, bound_in, bound_out
+        # Every output stays bound (ONNX Runtime needs a place for each); `run` reads the first.
+        call = functools.partial(self.session.run_with_iobinding, binding, run_options)
+        return _BoundCall(binding, call, bound_in[0, ...], bound_out)
 
     def _feed(self, obs: Any) -> tuple[dict[str, np.ndarray], bool]:
         if isinstance(obs, dict):
@@ -227,21 +250,30 @@ class OnnxRuntimePolicy:
 
     def run(self, obs: Any) -> np.ndarray:
         """The first output (the action) for one observation or a batch."""
-        if self._single is not None and isinstance(obs, np.ndarray) and obs.ndim == self._ranks[0] - 1:
-            binding, bound_in, bound_out = self._single
-            if obs.shape != bound_in.shape[1:]:
-                raise ExportError(f"observation has shape {obs.shape}; the model takes {bound_in.shape[1:]}.")
-            with self._single_lock:
-                np.copyto(bound_in[0], obs, casting="unsafe")
-                self.session.run_with_iobinding(binding)
-                return bound_out[0][0].copy()
+        bound = self._single
+        if bound is not None and isinstance(obs, np.ndarray):
+            if obs.shape == bound.shape:
+                with self._single_lock:
+                    # Slice assignment casts like copyto(casting="unsafe") at a third of its cost.
+                    bound.obs[...] = obs
+                    bound.call()
+                    return bound.take()
+            if obs.ndim == self._ranks[0] - 1:
+                raise ExportError(f"observation has shape {obs.shape}; the model takes {bound.shape}.")
         feed, single = self._feed(obs)
-        out = self.session.run(self._first_output, feed)[0]
+        out = self.session.run(self._first_output, feed, self._run_options)[0]
         return out[0] if single else out
 
     def run_all(self, obs: Any) -> dict[str, np.ndarray]:
+        """Every output by name for one observation or a batch."""
+        bound = self._single
+        if bound is not None and isinstance(obs, np.ndarray) and obs.shape == bound.shape:
+            with self._single_lock:
+                bound.obs[...] = obs
+                bound.call()
+                return {n: b[0].copy() for n, b in zip(self.output_names, bound.buffers, strict=True)}
         feed, single = self._feed(obs)
-        outs = self.session.run(self.output_names, feed)
+        outs = self.session.run(self.output_names, feed, self._run_options)
         return {n: (o[0] if single else o) for n, o in zip(self.output_names, outs, strict=True)}
 
 
