@@ -18,7 +18,13 @@ import zmq
 
 from tether.ingest.rover import LINK_NAME, ModelWatcher, RoverClient, RoverModelError, RoverPolicy
 from tether.ingest.rover_codec import encode
-from tether.ingest.rover_server import BehaviourModel, RoverServer, RoverServerConfig
+from tether.ingest.rover_server import (
+    BehaviourModel,
+    RoverServer,
+    RoverServerConfig,
+    RoverServerError,
+    tune_allocator,
+)
 from tether.nets_rgbd import export_rgbd_onnx
 
 pytestmark = pytest.mark.integration
@@ -167,6 +173,36 @@ def test_a_gap_drops_one_sample_and_rovers_do_not_mix(tmp_path: Path, push: zmq.
         assert stats["dropped"] == {"gap": 1} and stats["sources"] == 3 and stats["episodes"] == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("decode_batch", [1, 5])
+def test_batched_decoding_keeps_arrival_order_and_counts_every_message(
+    tmp_path: Path, push: zmq.Socket, decode_batch: int
+) -> None:
+    server = RoverServer(
+        _config(tmp_path, update_interval=1000, decode_batch=decode_batch, jpeg_fast_decode=True, workers=3)
+    )
+    server.start()
+    try:
+        push.connect(server.endpoint)
+        for step in range(37):  # a burst: batches fill up; any reordering would show up as gaps
+            push.send(_message(step, rover_id="a"))
+            if step == 17:
+                push.send(b"\x05\x00\x00\x00hello")  # a reject inside a batch
+        assert _wait(lambda: server.stats()["decoded"] == 37, 60), server.stats()
+        assert _wait(lambda: server.stats()["observed"] == 36, 30), server.stats()
+        stats = server.stats()
+        assert stats["received"] == 38 and stats["rejected"] == {"bad_json": 1} and stats["dropped"] == {}
+    finally:
+        server.stop()
+
+
+def test_decode_options_are_validated_and_the_allocator_tuning_is_safe() -> None:
+    for bad in (0, 257):
+        with pytest.raises(RoverServerError, match="decode_batch"):
+            RoverServerConfig(decode_batch=bad).validate()
+    assert isinstance(tune_allocator(), bool)  # False (and a no-op) off glibc
+    assert tune_allocator() == tune_allocator()  # idempotent
 
 
 def test_rover_client_queues_while_the_server_is_down_and_delivers_on_reconnect(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from tether.ingest.rover_codec import (
     CodecLimits,
     RoverCodecError,
     decode,
+    decode_for_network,
+    decode_jpeg,
     encode,
     to_network_input,
 )
@@ -90,6 +92,70 @@ def test_decode_accepts_bytearray_and_memoryview() -> None:
     msg = encode(*_frame(12, 16), reward=0.0, done=False, episode_step=3)
     assert decode(bytearray(msg)).episode_step == 3
     assert decode(memoryview(msg)).episode_step == 3
+
+
+def test_decode_without_copies_gives_read_only_views_with_the_same_values() -> None:
+    rgb, depth, proprio, action = _frame(12, 16)
+    msg = encode(rgb, depth, proprio, action, reward=0.0, done=False, episode_step=1, compress=False)
+    s = decode(bytearray(msg), copy=False)
+    assert np.array_equal(s.rgb, rgb) and np.array_equal(s.depth, depth)
+    assert not s.rgb.flags.writeable and not s.depth.flags.writeable  # views, even of a bytearray
+    assert s.proprio.flags.writeable and s.action.flags.writeable  # small: always copied
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (float("nan"), "non_finite"),
+        (-float("nan"), "non_finite"),  # sign bit set
+        (float("inf"), "non_finite"),
+        (-float("inf"), "non_finite"),
+        (-1e-30, "bad_value"),
+        (-3.0, "bad_value"),
+        (3.4e38, None),  # the largest finite float32s are accepted
+        (-0.0, None),  # sign bit set, but as a distance it is 0 (no reading)
+    ],
+)
+def test_every_depth_value_is_classified_like_the_spec_says(value: float, reason: str | None) -> None:
+    meta, jpg, tail, _ = _parts()
+    for pos in (0, 12 * 16 // 2, 12 * 16 - 1):  # first, middle and last depth value
+        t = bytearray(tail)
+        t[4 * pos : 4 * pos + 4] = struct.pack("<f", value)
+        msg = _assemble(meta, jpg, bytes(t))
+        if reason is None:
+            assert decode(msg).depth.reshape(-1)[pos] == np.float32(value)
+        else:
+            with pytest.raises(RoverCodecError) as err:
+                decode(msg)
+            assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("size", [(W, H), (106, 60), (53, 30), (100, 50)])
+def test_decode_for_network_equals_decode_then_network_input(compress: bool, size: tuple[int, int]) -> None:
+    rgb, depth, proprio, action = _frame()
+    msg = encode(rgb, depth, proprio, action, reward=0.5, done=False, episode_step=4, compress=compress)
+    ref = decode(msg, rgb_min_size=size)
+    ref_rgb, ref_depth = to_network_input(ref.rgb, ref.depth, size, 4.0)
+    sample, rgb_in, depth_in = decode_for_network(memoryview(msg), size, 4.0)
+    assert np.array_equal(rgb_in, ref_rgb) and np.array_equal(depth_in, ref_depth)
+    assert rgb_in.shape == (3, size[1], size[0]) and depth_in.shape == (1, size[1], size[0])
+    # The network inputs own their memory: keeping them must not pin the received message.
+    assert rgb_in.base is None and depth_in.base is not None and depth_in.base.base is None
+    assert rgb_in.flags.writeable and depth_in.flags.writeable
+    assert sample.episode_step == 4 and np.array_equal(sample.action, action)
+
+
+def test_default_jpeg_decoding_is_the_standard_one_and_fast_is_an_opt_in() -> None:
+    if rover_codec._simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    rgb = _frame(64, 96)[0]
+    rgb[20:40, 30:60] = (255, 0, 0)  # a sharp colour edge, where fast upsampling differs most
+    jpg = _jpeg(rgb)
+    pillow = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    assert np.array_equal(decode_jpeg(jpg, 64, 96), pillow)  # bit-identical to the other backend
+    fast = decode_jpeg(jpg, 64, 96, fast=True)
+    assert fast.shape == pillow.shape and np.abs(fast.astype(int) - pillow).mean() < 3.0
 
 
 def test_encode_refuses_non_finite_values() -> None:
@@ -468,3 +534,17 @@ def test_network_input_scales_and_clips_depth_and_resizes_both_to_one_size() -> 
     assert depth_in.shape == (1, 6, 8) and depth_in.dtype == np.float32
     assert set(np.unique(depth_in).tolist()) == {0.0, 0.5, 1.0}  # nearest: no invented depths
     assert rgb_in[:, :, 0].min() > 150 and rgb_in[:, :, -1].max() < 50
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [((424, 240), (106, 60)), ((424, 240), (100, 57)), ((7, 3), (16, 16)), ((640, 480), (424, 240))],
+)
+def test_depth_resize_picks_the_same_pixels_as_pillow_nearest(
+    src: tuple[int, int], dst: tuple[int, int]
+) -> None:
+    depth = np.random.default_rng(0).uniform(0, 1, (src[1], src[0])).astype(np.float32)
+    expected = np.asarray(Image.fromarray(depth).resize(dst, Image.Resampling.NEAREST))
+    rgb = np.zeros((dst[1], dst[0], 3), np.uint8)
+    _, depth_in = to_network_input(rgb, depth, dst, max_depth=1.0)  # in [0, 1): scaling is exact
+    assert np.array_equal(depth_in[0], expected)

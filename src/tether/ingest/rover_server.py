@@ -5,8 +5,10 @@ Threads and what they own:
 - receiver: the PULL socket. Counts every message and hands it to the decode pool, keeping a
   bounded queue of futures in arrival order (when the queue is full it waits, so ZeroMQ's own
   high-water marks push back to the rover, whose client drops rather than block).
-- decode pool (`workers` threads): validation, JPEG decoding and resizing. libjpeg-turbo and
-  Pillow's resize release the GIL, so threads scale without copying frames between processes.
+- decode pool (`workers` threads): validation, JPEG decoding and resizing. libjpeg-turbo,
+  Pillow's resize and numpy's large copies release the GIL, so threads scale without copying
+  frames between processes. The receiver hands over up to `decode_batch` messages that are
+  already waiting as one task, so the pool's per-task cost is paid once per batch.
 - trainer (the thread that calls `run()`): the only owner of the model. It takes decoded samples
   in arrival order, chains each rover's samples into transitions, fills in `value` (and `logp`
   for teleoperated samples, from the fitted behaviour policy), feeds PPO, updates, checkpoints,
@@ -25,10 +27,12 @@ rovers can share one rollout without their trajectories being mixed in GAE.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import math
+import platform
 import queue
 import signal
 import threading
@@ -49,7 +53,7 @@ from tether.algos.base import Transitions
 from tether.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from tether.errors import TetherError
 from tether.ingest.rover import MODEL_TOPIC
-from tether.ingest.rover_codec import CodecLimits, RoverCodecError, decode, to_network_input
+from tether.ingest.rover_codec import CodecLimits, RoverCodecError, decode_for_network
 from tether.metrics import METRICS_UPDATE, TRAINING_STATUS, JsonlSink, MetricsBus, TensorBoardSink
 from tether.nets_rgbd import RgbdActorCritic, export_rgbd_onnx, parameter_count, rgbd_observation_space
 
@@ -62,6 +66,33 @@ ACTION_SPACE = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
 class RoverServerError(TetherError):
     """The rover server cannot start as configured; the message names the fix."""
+
+
+# glibc mallopt parameters (malloc.h) and the values the server sets.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's largest on 64-bit: frames come from the heap
+_TRIM_THRESHOLD_BYTES = 512 * 1024 * 1024  # keep freed frames for reuse instead of unmapping them
+
+
+def tune_allocator() -> bool:
+    """Let glibc reuse freed frame buffers instead of returning them to the OS (process-wide).
+
+    A decode worker allocates each frame's arrays (~0.7 MB at 424x240) and the trainer thread frees
+    them later; glibc then trims the worker's arena and the next frames fault in fresh zeroed
+    pages, about 60 page faults per frame, which made pooled decoding ~30% slower than decoding
+    inline. With these settings the process keeps up to `_TRIM_THRESHOLD_BYTES` of free memory
+    per arena. Returns False (and changes nothing) where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1 and ok
 
 
 @dataclass
@@ -91,7 +122,10 @@ class RoverServerConfig:
     max_grad_norm: float = 0.5
     log_std_init: float = -0.5
     workers: int = 2
-    queue_size: int = 512
+    decode_batch: int = 8  # messages already waiting that go to the pool as one task
+    jpeg_fast_decode: bool = False  # libjpeg-turbo fast DCT/upsampling: 5-10% faster, not bit-exact
+    tune_allocator: bool = True  # glibc keeps freed frame memory for reuse (see `tune_allocator`)
+    queue_size: int = 512  # decoded or decoding messages held before the receiver waits
     rcvhwm: int = 1000
     segment_length: int = 64
     max_sources: int = 64
@@ -120,6 +154,7 @@ class RoverServerConfig:
             (self.update_interval >= 2, "--update-interval must be at least 2"),
             (self.checkpoint_interval >= 1, "--checkpoint-interval must be at least 1"),
             (self.workers >= 1, "--workers must be at least 1"),
+            (1 <= self.decode_batch <= 256, "decode_batch must be within 1..256"),
             (self.minibatch_size >= 1, "--minibatch-size must be at least 1"),
             (self.segment_length >= 1, "segment_length must be at least 1"),
             (self.amp in ("auto", "off", "bf16", "fp16"), "--amp must be auto, off, bf16 or fp16"),
@@ -347,8 +382,9 @@ class RoverServer:
 
         self._stop = threading.Event()
         self._updated = threading.Condition()
-        self._pending: queue.Queue[Future[_Decoded | RoverCodecError]] = queue.Queue(
-            maxsize=config.queue_size
+        # One entry per decode task (a batch), sized so that at most about `queue_size` messages wait.
+        self._pending: queue.Queue[Future[list[_Decoded | RoverCodecError]]] = queue.Queue(
+            maxsize=max(1, config.queue_size // config.decode_batch)
         )
         self._publish_q: queue.Queue[tuple[bytes, bytes]] = queue.Queue(maxsize=4)
         self._pool: ThreadPoolExecutor | None = None
@@ -408,6 +444,8 @@ class RoverServer:
         self.pub_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _start_io(self) -> None:
+        if self.config.tune_allocator and not tune_allocator():
+            log.debug("allocator tuning skipped: not glibc")
         self._bind()
         self._pool = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="rover-decode")
         self._threads = [threading.Thread(target=self._receive_loop, name="rover-receive", daemon=True)]
@@ -532,26 +570,42 @@ class RoverServer:
             }
 
     # --- receiving and decoding -------------------------------------------------------------
+    def _accept(self, sock: zmq.Socket[Any], frame: zmq.Frame) -> bool:
+        """Count a received frame; False (and rejected) when it starts a multi-frame message."""
+        with self._lock:
+            self.received += 1
+        if frame.more:  # the wire format is one frame per sample
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv(copy=False)
+            self._count_reject("multipart", "a multi-frame message")
+            return False
+        return True
+
     def _receive_loop(self) -> None:
         assert self._pull is not None and self._pool is not None
         sock, pool = self._pull, self._pool
+        batch_max = self.config.decode_batch
         while not self._stop.is_set():
             try:
                 if not sock.poll(100, zmq.POLLIN):
                     continue
                 frame = sock.recv(copy=False)
+                batch = [frame] if self._accept(sock, frame) else []
+                # Take what is already queued, never waiting for more: batching adds no latency.
+                while len(batch) < batch_max:
+                    try:
+                        frame = sock.recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if self._accept(sock, frame):
+                        batch.append(frame)
             except zmq.ZMQError:
                 if self._stop.is_set():
                     break
                 raise
-            with self._lock:
-                self.received += 1
-            if frame.more:  # the wire format is one frame per sample
-                while sock.getsockopt(zmq.RCVMORE):
-                    sock.recv(copy=False)
-                self._count_reject("multipart", "a multi-frame message")
+            if not batch:
                 continue
-            future = pool.submit(self._decode, frame)
+            future = pool.submit(self._decode_batch, batch)
             while not self._stop.is_set():
                 try:
                     self._pending.put(future, timeout=0.1)
@@ -559,11 +613,15 @@ class RoverServer:
                 except queue.Full:
                     continue
 
+    def _decode_batch(self, frames: list[zmq.Frame]) -> list[_Decoded | RoverCodecError]:
+        return [self._decode(frame) for frame in frames]
+
     def _decode(self, frame: zmq.Frame) -> _Decoded | RoverCodecError:
         cfg = self.config
         try:
-            sample = decode(memoryview(frame), self.limits, rgb_min_size=cfg.image_size)
-            rgb, depth = to_network_input(sample.rgb, sample.depth, cfg.image_size, cfg.max_depth)
+            sample, rgb, depth = decode_for_network(
+                memoryview(frame), cfg.image_size, cfg.max_depth, self.limits, jpeg_fast=cfg.jpeg_fast_decode
+            )
         except RoverCodecError as exc:
             return exc
         except Exception as exc:  # a decoder bug must not take the server down
@@ -607,14 +665,14 @@ class RoverServer:
             except queue.Empty:
                 self._flush_idle()
                 continue
-            result = future.result()
-            if isinstance(result, RoverCodecError):
-                self._count_reject(result.reason, result.detail)
-                continue
-            with self._lock:
-                self.decoded += 1
-            for segment in self._chain(result):
-                self._observe_segment(segment)
+            for result in future.result():
+                if isinstance(result, RoverCodecError):
+                    self._count_reject(result.reason, result.detail)
+                    continue
+                with self._lock:
+                    self.decoded += 1
+                for segment in self._chain(result):
+                    self._observe_segment(segment)
 
     def _chain(self, d: _Decoded) -> list[list[_Row]]:
         """Pair each sample with its successor; return the segments ready for PPO."""
@@ -921,4 +979,5 @@ __all__ = [
     "latest_valid_checkpoint",
     "load_rover_net",
     "running_server",
+    "tune_allocator",
 ]
