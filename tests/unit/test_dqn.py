@@ -12,6 +12,7 @@ import torch
 
 from tether.algos.base import Transitions
 from tether.algos.dqn import Config, QNetwork, build
+from tether.algos.offpolicy import clip_grad_norm, flush_denormals
 from tether.config import ConfigError
 
 OBS = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
@@ -244,3 +245,68 @@ def test_learning_rate_anneals_linearly_and_follows_live_changes() -> None:
     dqn.observe(_batch(np.random.default_rng(10), 8))
     dqn.update()
     assert dqn.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+
+
+def _reference_step(dqn, b) -> None:
+    """One DQN gradient step as written per step: target from Q_target, Huber loss, clip, Adam."""
+    c = dqn.config
+    with torch.no_grad():
+        next_q_target = dqn.q_target(b.next_obs)
+        if c.double_q:
+            next_q = next_q_target.gather(1, dqn.q(b.next_obs).argmax(1, keepdim=True)).squeeze(1)
+        else:
+            next_q = next_q_target.max(1).values
+        target = b.reward + b.discount * b.not_done * next_q
+    q = dqn.q(b.obs).gather(1, b.action.long().unsqueeze(1)).squeeze(1)
+    loss = torch.nn.functional.smooth_l1_loss(q, target)
+    dqn.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(dqn.q.parameters(), c.max_grad_norm)
+    dqn.optimizer.step()
+    dqn.grad_steps += 1
+    if dqn.grad_steps % c.target_update_interval == 0:
+        dqn.q_target.load_state_dict(dqn.q.state_dict())
+
+
+@pytest.mark.parametrize("double_q", [False, True])
+def test_targets_computed_per_target_sync_block_match_per_step_targets(double_q: bool) -> None:
+    # Targets are computed once for all steps up to the next target sync, on distinct rows only;
+    # the weights must come out as if every step had computed its own target.
+    dqn = _dqn(
+        train_freq=40,
+        gradient_steps=6,
+        target_update_interval=3,
+        double_q=double_q,
+        learning_rate=0.05,  # large enough that a stale target would show
+        max_grad_norm=0.5,
+    )
+    dqn.observe(_batch(np.random.default_rng(3), 40))  # a small buffer: sampled rows repeat
+    reference = copy.deepcopy(dqn)
+    dqn.update()
+    for _ in range(2):  # two blocks of 3 steps, drawn as the learner draws them
+        for b in reference.buffer.sample_tensors(8, 3, reference.device):
+            _reference_step(reference, b)
+    assert dqn.grad_steps == reference.grad_steps == 6
+    for ours, theirs in zip(dqn.q.state_dict().values(), reference.q.state_dict().values(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+    for ours, theirs in zip(dqn.q_target.parameters(), reference.q_target.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_clip_grad_norm_matches_torch() -> None:
+    grads = [torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 10, torch.ones(3)]
+    ours = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    theirs = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for a, b, g in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = g.clone(), g.clone()
+    clip_grad_norm(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_flush_denormals_is_scoped() -> None:
+    tiny = torch.tensor([1e-40])
+    with flush_denormals():
+        assert float(tiny * 1.0) == 0.0
+    assert float(tiny * 1.0) > 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -154,3 +155,51 @@ def test_build_refuses_unsuitable_spaces() -> None:
         build(Config(), OBS, gym.spaces.Discrete(3), "cpu", 0)
     with pytest.raises(ConfigError):
         build(Config(), OBS, gym.spaces.Box(-np.inf, np.inf, (2,)), "cpu", 0)
+
+
+def _reference_step(sac, b) -> None:
+    """One SAC gradient step as first written: α, critics, then the actor with frozen critics."""
+    obs, next_obs = b.obs, b.next_obs
+    action = (b.action.reshape(-1, sac.act_dim) - sac.center) / sac.half
+    pi_action, logp = sac.actor.sample(obs)
+    alpha = sac.log_alpha.detach().exp()
+    alpha_loss = -(sac.log_alpha * (logp.detach() + sac.target_entropy)).mean()
+    sac.alpha_opt.zero_grad(set_to_none=True)
+    alpha_loss.backward()
+    sac.alpha_opt.step()
+    with torch.no_grad():
+        next_action, next_logp = sac.actor.sample(next_obs)
+        next_q = sac.critic_target(next_obs, next_action).min(0).values - alpha * next_logp
+        target = b.reward + b.discount * b.not_done * next_q
+    critic_loss = 0.5 * (sac.critic(obs, action) - target).pow(2).mean(1).sum()
+    sac.critic_opt.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    sac.critic_opt.step()
+    sac.critic.requires_grad_(False)
+    actor_loss = (alpha * logp - sac.critic(obs, pi_action).min(0).values).mean()
+    sac.actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    sac.actor_opt.step()
+    sac.critic.requires_grad_(True)
+    with torch.no_grad():
+        torch._foreach_lerp_(
+            list(sac.critic_target.parameters()), list(sac.critic.parameters()), sac.config.tau
+        )
+
+
+def test_update_matches_the_step_by_step_reference() -> None:
+    # α's gradient now comes from the actor's backward pass and the critics are kept out of it by
+    # `inputs`: the parameters must come out as with separate passes and frozen critics.
+    sac = _learner(train_freq=64, gradient_steps=3)
+    sac.observe(_random_batch(np.random.default_rng(5), 64))
+    reference = copy.deepcopy(sac)
+    torch.manual_seed(11)
+    sac.update()
+    torch.manual_seed(11)
+    for b in reference.buffer.sample_tensors(sac.config.batch_size, 3, reference.device):
+        _reference_step(reference, b)
+    for name in ("actor", "critic", "critic_target"):
+        ours, theirs = getattr(sac, name).state_dict(), getattr(reference, name).state_dict()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key])
+    torch.testing.assert_close(sac.log_alpha, reference.log_alpha)

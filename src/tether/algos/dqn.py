@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tether.algos.base import ActOut, Transitions
-from tether.algos.offpolicy import ReplayLearner, adam, linear_schedule
+from tether.algos.offpolicy import ReplayLearner, adam, clip_grad_norm, flush_denormals, linear_schedule
+from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
 from tether.nets import ACTIVATIONS, mlp
@@ -158,7 +159,8 @@ class DQN(ReplayLearner):
             self.q = QNetwork(observation_space, self.n_actions, c.net_arch, c.activation, c.dueling)
         self.q.to(self.device)
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
-        self.optimizer = adam(self.q.parameters(), c.learning_rate, self.device)
+        self._params = list(self.q.parameters())
+        self.optimizer = adam(self._params, c.learning_rate, self.device)
         self._init_replay("dqn", observation_space, action_space, seed, total_steps, priority_eps=c.per_eps)
 
     # ------------------------------------------------------------------------ acting
@@ -188,38 +190,37 @@ class DQN(ReplayLearner):
     # ------------------------------------------------------------------------ learning
     def update(self) -> dict[str, float]:
         c = self.config
-        rounds = self._take_rounds()
+        steps = self._take_rounds() * c.gradient_steps
         for group in self.optimizer.param_groups:  # live changes take effect here
             group["lr"] = self.learning_rate
         losses, q_means = [], []
-        for b in self.buffer.sample_tensors(c.batch_size, rounds * c.gradient_steps, self.device):
-            with torch.no_grad():
-                next_q_target = self.q_target(b.next_obs)
-                if c.double_q:
-                    best = self.q(b.next_obs).argmax(1, keepdim=True)
-                    next_q = next_q_target.gather(1, best).squeeze(1)
-                else:
-                    next_q = next_q_target.max(1).values
-                target = b.reward + b.discount * b.not_done * next_q
-
-            q = self.q(b.obs).gather(1, b.action.long().unsqueeze(1)).squeeze(1)
-            td = q - target
-            per_sample = F.smooth_l1_loss(q, target, reduction="none") if c.loss == "huber" else td.pow(2)
-            loss = (b.weights * per_sample).mean() if c.prioritized else per_sample.mean()
-
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(self.q.parameters(), c.max_grad_norm)
-            self.optimizer.step()
-            if c.prioritized:
-                self.buffer.update_priorities(b.indices, td.detach().abs().cpu().numpy())
-
-            self.grad_steps += 1
-            if self.grad_steps % c.target_update_interval == 0:
-                self._update_target(c.tau)
-            losses.append(loss.detach())
-            q_means.append(q.detach().mean())
+        with flush_denormals():
+            while len(losses) < steps:
+                # Q_target is fixed until the next target update, so the targets of every step up to
+                # it are computed in one pass. A prioritized batch must see the priorities the last
+                # step wrote, so it is drawn (and its targets computed) one step at a time.
+                span = min(
+                    steps - len(losses), c.target_update_interval - self.grad_steps % c.target_update_interval
+                )
+                span = 1 if c.prioritized else span
+                block = self.buffer.sample_block(c.batch_size, span, self.device)
+                with torch.no_grad():
+                    next_q_target = self._distinct_rows(self.q_target, block.next_obs, block.indices)
+                    if not c.double_q:
+                        targets = block.reward + block.discount * block.not_done * next_q_target.max(1).values
+                for i in range(span):
+                    rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
+                    b = block.rows(rows.start, rows.stop)
+                    if c.double_q:
+                        with torch.no_grad():
+                            best = self.q(b.next_obs).argmax(1, keepdim=True)
+                            next_q = next_q_target[rows].gather(1, best).squeeze(1)
+                            target = b.reward + b.discount * b.not_done * next_q
+                    else:
+                        target = targets[rows]
+                    loss, q = self._gradient_step(b, target)
+                    losses.append(loss)
+                    q_means.append(q.mean())
 
         metrics = {
             "epsilon": self.epsilon,
@@ -233,6 +234,36 @@ class DQN(ReplayLearner):
         if c.prioritized:
             metrics["per_beta"] = self.buffer.beta
         return metrics
+
+    def _gradient_step(self, b: TensorSample, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Adam step on the TD loss towards `target`; returns the (detached) loss and Q(s, a)."""
+        c = self.config
+        q = self.q(b.obs).gather(1, b.action.long().unsqueeze(1)).squeeze(1)
+        td = q - target
+        per_sample = F.smooth_l1_loss(q, target, reduction="none") if c.loss == "huber" else td.pow(2)
+        loss = (b.weights * per_sample).mean() if c.prioritized else per_sample.mean()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.max_grad_norm is not None:
+            clip_grad_norm(self._params, c.max_grad_norm)
+        self.optimizer.step()
+        if c.prioritized:
+            self.buffer.update_priorities(b.indices, td.detach().abs().cpu().numpy())
+
+        self.grad_steps += 1
+        if self.grad_steps % c.target_update_interval == 0:
+            self._update_target(c.tau)
+        return loss.detach(), q.detach()
+
+    @staticmethod
+    def _distinct_rows(net: nn.Module, obs: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+        """net(obs) evaluated once per distinct buffer row: a block of many batches drawn with
+        replacement repeats rows often (every row, several times, while the buffer is small)."""
+        if len(indices) <= 1:
+            return net(obs)
+        _, first, inverse = np.unique(indices, return_index=True, return_inverse=True)
+        return net(obs[torch.from_numpy(first)])[torch.from_numpy(inverse)]
 
     @torch.no_grad()
     def _update_target(self, tau: float) -> None:

@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tether.algos.base import ActOut, Transitions
-from tether.algos.offpolicy import ReplayLearner, adam
+from tether.algos.offpolicy import ReplayLearner, adam, clip_grad_norm, flush_denormals
+from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
 from tether.nets import ACTIVATIONS, RunningNorm, mlp
@@ -192,6 +193,9 @@ class SAC(ReplayLearner):
             self.actor = Actor(self.obs_dim, self.act_dim, c.actor_fc_layers, c.activation).to(self.device)
             self.critic = TwinQ(self.obs_dim, self.act_dim, c.critic_fc_layers, c.activation).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self._actor_params = list(self.actor.parameters())
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
         self.norm: nn.Module = (
             RunningNorm((self.obs_dim,)).to(self.device) if c.normalize_obs else nn.Identity()
         )
@@ -242,68 +246,12 @@ class SAC(ReplayLearner):
             for group in opt.param_groups:
                 group["lr"] = self.learning_rate
         auto = c.ent_coef == "auto"
+        # The actor's backward pass also gives α its gradient (the two losses share no parameters).
+        actor_params = self._actor_params + ([self.log_alpha] if auto else [])
         stats: list[torch.Tensor] = []
-        for b in self.buffer.sample_tensors(c.batch_size, rounds * c.gradient_steps, self.device):
-            obs, next_obs = self._obs(b.obs), self._obs(b.next_obs)
-            action = (b.action.reshape(-1, self.act_dim) - self.center) / self.half  # env scale → [-1, 1]
-
-            # Entropy temperature α (uses the pre-step value for this step's losses).
-            pi_action, logp = self.actor.sample(obs)
-            alpha = (
-                self.log_alpha.detach().exp() if auto else torch.tensor(float(c.ent_coef), device=self.device)
-            )
-            if auto:
-                alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
-                self.alpha_opt.zero_grad(set_to_none=True)
-                alpha_loss.backward()
-                self.alpha_opt.step()
-
-            # Critics: soft Bellman target from the target critics and a fresh next action.
-            with torch.no_grad():
-                next_action, next_logp = self.actor.sample(next_obs)
-                next_q = self.critic_target(next_obs, next_action).min(0).values - alpha * next_logp
-                target = b.reward + b.discount * b.not_done * next_q
-            q = self.critic(obs, action)
-            td = q - target
-            if c.prioritized:
-                critic_loss = 0.5 * (b.weights * td.pow(2)).mean(1).sum()
-            else:
-                critic_loss = 0.5 * td.pow(2).mean(1).sum()
-            self.critic_opt.zero_grad(set_to_none=True)
-            critic_loss.backward()
-            if c.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
-            self.critic_opt.step()
-            if c.prioritized:
-                self.buffer.update_priorities(b.indices, td.detach().abs().mean(0).cpu().numpy())
-
-            # Actor: maximise min-Q plus entropy; the critics are frozen for this backward pass.
-            self.critic.requires_grad_(False)
-            actor_loss = (alpha * logp - self.critic(obs, pi_action).min(0).values).mean()
-            self.actor_opt.zero_grad(set_to_none=True)
-            actor_loss.backward()
-            if c.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
-            self.actor_opt.step()
-            self.critic.requires_grad_(True)
-
-            self.grad_steps += 1
-            if self.grad_steps % c.target_update_interval == 0:
-                with torch.no_grad():
-                    torch._foreach_lerp_(
-                        list(self.critic_target.parameters()), list(self.critic.parameters()), c.tau
-                    )
-            stats.append(
-                torch.stack(
-                    [
-                        critic_loss.detach(),
-                        actor_loss.detach(),
-                        alpha,
-                        q.detach().mean(),
-                        -logp.detach().mean(),
-                    ]
-                )
-            )
+        with flush_denormals():
+            for b in self.buffer.sample_tensors(c.batch_size, rounds * c.gradient_steps, self.device):
+                stats.append(self._gradient_step(b, auto, actor_params))
 
         metrics = {
             "grad_steps": float(self.grad_steps),
@@ -322,6 +270,55 @@ class SAC(ReplayLearner):
                 }
             )
         return metrics
+
+    def _gradient_step(self, b: TensorSample, auto: bool, actor_params: list[torch.Tensor]) -> torch.Tensor:
+        """One SAC step (the module docstring's update); returns its statistics for the metrics."""
+        c = self.config
+        obs, next_obs = self._obs(b.obs), self._obs(b.next_obs)
+        action = (b.action.reshape(-1, self.act_dim) - self.center) / self.half  # env scale → [-1, 1]
+        pi_action, logp = self.actor.sample(obs)
+        # This step's losses use the pre-step α; α's own gradient is taken with the actor's below.
+        alpha = self.log_alpha.detach().exp() if auto else torch.tensor(float(c.ent_coef), device=self.device)
+
+        # Critics: soft Bellman target from the target critics and a fresh next action.
+        with torch.no_grad():
+            next_action, next_logp = self.actor.sample(next_obs)
+            next_q = self.critic_target(next_obs, next_action).min(0).values - alpha * next_logp
+            target = b.reward + b.discount * b.not_done * next_q
+        q = self.critic(obs, action)
+        td = q - target
+        weighted = b.weights * td.pow(2) if c.prioritized else td.pow(2)
+        critic_loss = 0.5 * weighted.mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if c.max_grad_norm is not None:
+            clip_grad_norm(self._critic_params, c.max_grad_norm)
+        self.critic_opt.step()
+        if c.prioritized:
+            self.buffer.update_priorities(b.indices, td.detach().abs().mean(0).cpu().numpy())
+
+        # Actor (maximise min-Q plus entropy) through the just-updated critics, and α. `inputs`
+        # keeps the critics' weights out of this backward pass; the two losses share no parameters.
+        actor_loss = (alpha * logp - self.critic(obs, pi_action).min(0).values).mean()
+        loss = actor_loss
+        if auto:
+            loss = loss - (self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        self.alpha_opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=actor_params)
+        if c.max_grad_norm is not None:
+            clip_grad_norm(self._actor_params, c.max_grad_norm)
+        self.actor_opt.step()
+        if auto:
+            self.alpha_opt.step()
+
+        self.grad_steps += 1
+        if self.grad_steps % c.target_update_interval == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(self._target_params, self._critic_params, c.tau)
+        return torch.stack(
+            [critic_loss.detach(), actor_loss.detach(), alpha, q.detach().mean(), -logp.detach().mean()]
+        )
 
     # ------------------------------------------------------------------------ export / state
     def policy(self) -> nn.Module:

@@ -227,6 +227,9 @@ class ReplayBuffer:
             else np.asarray(streams).reshape(len(reward)).astype(np.int64)
         )
         slots = self._slots(sid)
+        if streams is None:  # one row per stream: a single round (the per-env-step case, kept cheap)
+            self._add_round(slots, obs, action, reward, next_obs, term, trunc)
+            return
         # Rows of the same stream must be applied in order: split into rounds of distinct streams.
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
@@ -374,9 +377,14 @@ class ReplayBuffer:
                 yield self._tensors(self.sample(batch_size), device)
             return
         if count > 0:
-            big = self._tensors(self.sample(batch_size * count), device)
+            big = self.sample_block(batch_size, count, device)
             for i in range(count):
                 yield big.rows(i * batch_size, (i + 1) * batch_size)
+
+    def sample_block(self, batch_size: int, count: int, device: torch.device) -> TensorSample:
+        """`count` batches drawn at once as one sample; batch i is `rows(i·batch_size, (i+1)·batch_size)`.
+        Importance weights are normalised over the whole block, so prioritized callers take count = 1."""
+        return self._tensors(self.sample(batch_size * count), device)
 
     @staticmethod
     def _tensors(s: ReplaySample, device: torch.device) -> TensorSample:
