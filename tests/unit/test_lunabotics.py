@@ -644,10 +644,36 @@ def test_carry_start_curriculum_starts_some_rovers_holding_in_the_excavation_zon
     assert reward[row] > 0.0
 
 
+def test_route_curriculum_starts_rovers_all_along_the_obstacle_free_way_home() -> None:
+    from tether.envs.lunabotics_physics import distance_to_rect
+
+    cfg = LunaboticsConfig(carry_start_fraction=1.0, carry_start_region="route")
+    env = LunaboticsVectorEnv(2000, cfg)
+    obs, _ = env.reset(seed=3)
+    x, y = obs[:, 0].astype(np.float64), obs[:, 1].astype(np.float64)
+    assert obs[:, 7].all()
+    core = env.core
+    edge = math.hypot(cfg.rover_half_length, cfg.rover_half_width)
+    assert x.min() > edge and y.min() > edge and x.max() < cfg.world_width - edge and y.max() < 5.0 - edge
+    # Never inside the grown obstacle zone (no start touches a rock) nor already home.
+    assert distance_to_rect(x, y, core.zones[ZONE_OBSTACLE]).min() >= cfg.obstacle_zone_clearance - 1e-6
+    assert not np.isin(obs[:, 6], [ZONE_CONSTRUCTION, ZONE_BERM]).any()
+    # Every part of the way home gets starts: the lane, the left side below the construction zone
+    # and the excavation zone.
+    lane = y < 1.4
+    left = (x < 1.8) & (y >= 1.4)
+    assert lane.mean() > 0.2 and left.mean() > 0.05 and (obs[:, 6] == ZONE_EXCAVATION).mean() > 0.2
+    # Same seed, same starts: the draws are the same fixed block as the excavation curriculum's.
+    again, _ = LunaboticsVectorEnv(2000, cfg).reset(seed=3)
+    np.testing.assert_array_equal(obs, again)
+
+
 def test_evaluation_environment_drops_the_curriculum() -> None:
     from tether.envs import evaluation_environment
 
-    env_cfg = EnvironmentConfig(id=LUNABOTICS_ID, num_envs=4, carry_start_fraction=1.0, num_orbs=3)
+    env_cfg = EnvironmentConfig(
+        id=LUNABOTICS_ID, num_envs=4, carry_start_fraction=1.0, carry_start_region="route", num_orbs=3
+    )
     train_obs, _ = make_vector_env(env_cfg).reset(seed=0)
     assert train_obs[:, 7].all()
     eval_cfg = evaluation_environment(env_cfg, num_envs=8)
@@ -677,6 +703,32 @@ def test_route_cost_matches_straight_distance_in_the_open_and_goes_round_the_obs
     assert np.all(np.diff(lane) < 0)
     with pytest.raises(ValueError):
         dear[0, 0] = 1.0  # cached and shared: read-only
+
+
+def test_route_home_keeps_the_rover_body_clear_of_the_obstacle_zone() -> None:
+    """Steepest descent of the env's route cost from anywhere in the excavation zone stays at
+    least the clearance (less a grid cell) outside the obstacle zone: a rover following the
+    shaping never scrapes a rock sitting on the zone's edge."""
+    from tether.envs.lunabotics_physics import distance_to_rect
+
+    env = bare_env(only("progress_toward_construction", 2.0), obstacle_zone_cost=4.0)
+    core = env.core
+    clearance = core.cfg.obstacle_zone_clearance
+    assert clearance > math.hypot(core.cfg.rover_half_length, core.cfg.rover_half_width)
+    obstacle = core.zones[ZONE_OBSTACLE]
+    angles = np.linspace(-math.pi, math.pi, 32, endpoint=False)
+    for start_y in (0.5, 2.5, 4.5):
+        x, y = np.array([5.5]), np.array([start_y])
+        for _ in range(400):
+            cost = float(core.zone_distances(x, y)[1][0])
+            if cost == 0.0:
+                break
+            # Best of 32 headings for a 5 cm step: the direction the shaping pays most for.
+            cx, cy = x + 0.05 * np.cos(angles), y + 0.05 * np.sin(angles)
+            best = int(np.argmin(core.zone_distances(cx, cy)[1]))
+            x, y = cx[best : best + 1], cy[best : best + 1]
+            assert float(distance_to_rect(x, y, obstacle)[0]) >= clearance - 0.06, (x, y)
+        assert cost == 0.0, f"descent from y={start_y} did not reach the construction zone"
 
 
 def test_route_shaping_pays_driving_home_along_the_lane() -> None:

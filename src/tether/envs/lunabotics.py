@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -97,7 +97,7 @@ _FAR = -1.0e3
 
 
 # Options that shape only the training distribution; `tether.envs.evaluation_environment` drops them.
-TRAINING_ONLY_OPTIONS = frozenset({"carry_start_fraction"})
+TRAINING_ONLY_OPTIONS = frozenset({"carry_start_fraction", "carry_start_region"})
 
 
 class LunaboticsConfig(BaseModel):
@@ -152,6 +152,16 @@ class LunaboticsConfig(BaseModel):
             "obstacle zone costing this much (1: straight-line distance)"
         ),
     )
+    obstacle_zone_clearance: float = Field(
+        0.4,
+        ge=0.0,
+        le=5.0,
+        description=(
+            "route cost: the dear region is the obstacle zone grown by this much, metres, so the "
+            "cheapest route keeps the rover's body (0.36 m corner radius) clear of rocks at the "
+            "zone's edge"
+        ),
+    )
     carry_start_fraction: float = Field(
         0.0,
         ge=0.0,
@@ -160,6 +170,15 @@ class LunaboticsConfig(BaseModel):
             "training curriculum: share of episodes that start in the excavation zone already "
             "holding an orb, facing any way, so the return leg is practised from the first update "
             "(evaluation always starts in the starting zone)"
+        ),
+    )
+
+    carry_start_region: Literal["excavation", "route"] = Field(
+        "excavation",
+        description=(
+            "where curriculum rovers start: anywhere in the excavation zone, or anywhere on the "
+            "obstacle-free way home (lane, left side, excavation zone) so the last metres before "
+            "the construction zone are practised too"
         ),
     )
 
@@ -231,9 +250,10 @@ class LunaboticsCore:
         self._route: tuple[np.ndarray, np.ndarray] | None = None
         if config.obstacle_zone_cost > 1.0:
             w, h, costly = config.world_width, config.world_height, zones[ZONE_OBSTACLE]
+            dear = (costly, config.obstacle_zone_cost, config.obstacle_zone_clearance)
             self._route = (
-                route_cost_grid(w, h, self._rect_exc, costly, config.obstacle_zone_cost),
-                route_cost_grid(w, h, self._rect_con, costly, config.obstacle_zone_cost),
+                route_cost_grid(w, h, self._rect_exc, *dear),
+                route_cost_grid(w, h, self._rect_con, *dear),
             )
         sx, sy = config.world_width / _BASE_W, config.world_height / _BASE_H
         self.spawn_rect = tuple(v * f for v, f in zip(BASE_SPAWN, (sx, sy, sx, sy), strict=True))
@@ -420,15 +440,10 @@ class LunaboticsCore:
         self.holding[idx] = False
         carry = take(4)
         if cfg.carry_start_fraction > 0.0:
-            # Curriculum: these rovers start in the excavation zone with an orb, facing any way.
+            # Curriculum: these rovers start with an orb, facing any way.
             pick = carry[:, 0] < cfg.carry_start_fraction
             rows = idx[pick]
-            ex0, ey0, ex1, ey1 = self._rect_exc
-            margin = cfg.rover_half_length + ORB_MARGIN
-            ex1 = min(ex1, cfg.world_width)
-            ey1 = min(ey1, cfg.world_height)
-            self.x[rows] = ex0 + margin + carry[pick, 1] * (ex1 - ex0 - 2.0 * margin)
-            self.y[rows] = ey0 + margin + carry[pick, 2] * (ey1 - ey0 - 2.0 * margin)
+            self.x[rows], self.y[rows] = self._carry_start_positions(carry[pick, 1], carry[pick, 2])
             self.set_heading(rows, (2.0 * carry[pick, 3] - 1.0) * math.pi)
             self.holding[rows] = True
         self.deposits[idx] = 0
@@ -442,6 +457,38 @@ class LunaboticsCore:
         self.visited_excavation[idx] = zone == ZONE_EXCAVATION
         self.construction_bonus_paid[idx] = False
         self.refresh_distances(idx)
+
+    def _carry_start_positions(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Curriculum start points from two uniforms per rover: in the excavation zone, or on the
+        way home, uniform over the rectangles left free by the obstacle zone (grown by the route
+        clearance) and the construction zone: the lane, the left side and the excavation zone."""
+        cfg = self.cfg
+        w, h = cfg.world_width, cfg.world_height
+        edge = self._bound_r + 0.05  # the rover never starts touching a wall
+        if cfg.carry_start_region == "excavation":
+            ex0, ey0, ex1, ey1 = self._rect_exc
+            margin = cfg.rover_half_length + ORB_MARGIN
+            ex1, ey1 = min(ex1, w), min(ey1, h)
+            return ex0 + margin + u * (ex1 - ex0 - 2.0 * margin), ey0 + margin + v * (
+                ey1 - ey0 - 2.0 * margin
+            )
+        c = cfg.obstacle_zone_clearance
+        ox0, oy0, ox1, _ = self.zones[ZONE_OBSTACLE]
+        cy0 = self._rect_con[1]
+        rects = np.array(
+            [
+                (edge, edge, w - edge, oy0 - c),  # the lane along the bottom wall
+                (edge, oy0 - c, ox0 - c, cy0),  # the left side up to the construction zone
+                (ox1 + c, oy0 - c, w - edge, h - edge),  # the excavation zone beside the obstacles
+            ]
+        )
+        area = np.clip(rects[:, 2] - rects[:, 0], 0.0, None) * np.clip(rects[:, 3] - rects[:, 1], 0.0, None)
+        bounds = np.cumsum(area) / area.sum()
+        k = np.minimum(np.searchsorted(bounds, u, side="right"), len(rects) - 1)
+        low = np.concatenate([[0.0], bounds[:-1]])[k]
+        frac = np.clip((u - low) / np.maximum(bounds[k] - low, 1e-12), 0.0, 1.0)  # u reused within the pick
+        r = rects[k]
+        return r[:, 0] + frac * (r[:, 2] - r[:, 0]), r[:, 1] + v * (r[:, 3] - r[:, 1])
 
     def refresh_distances(self, idx: Any = slice(None)) -> None:
         """Recompute zone distances (the shaping baseline), e.g. after moving a rover by hand."""

@@ -4,8 +4,10 @@ metre inside the obstacle zone costs more than a metre in the open.
 Straight-line distance to the construction zone points a rover that carries an orb straight
 through the rocks, where an unskilled policy collides (−10 each) far more than it gains (+2 per
 metre), so PPO learns to park with the orb. The route cost points it along the open lane instead,
-and every metre of real progress pays. It is a potential (a function of position only), so the
-shaping keeps the optimal policy of the unshaped task.
+and every metre of real progress pays. The env grows the dear region by a clearance wider than
+the rover's corner radius: the cheapest route for the rover's centre otherwise hugs the zone's
+edge, where rocks may sit and scrape the rover's body. It is a potential (a function of position
+only), so the shaping keeps the optimal policy of the unshaped task.
 
 The cost field is solved once per field geometry (cached) on a grid of about 5 cm by repeated
 vectorised relaxation over 16 neighbour directions (error within ~2 % of the true path cost), and
@@ -17,6 +19,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+
+from tether.envs.lunabotics_physics import distance_to_rect
 
 Rect = tuple[float, float, float, float]
 
@@ -35,14 +39,22 @@ def _inside(gx: np.ndarray, gy: np.ndarray, rect: Rect) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)
-def route_cost_grid(width: float, height: float, target: Rect, costly: Rect, cost: float) -> np.ndarray:
-    """(nx, ny) cheapest travel cost from each grid node to `target`, a metre inside `costly`
-    costing `cost` (1 elsewhere). Node (i, j) sits at (i·width/(nx−1), j·height/(ny−1))."""
+def route_cost_grid(
+    width: float,
+    height: float,
+    target: Rect,
+    costly: Rect,
+    cost: float,
+    clearance: float = 0.0,
+) -> np.ndarray:
+    """(nx, ny) cheapest travel cost from each grid node to `target`, a metre costing `cost`
+    inside `costly` or within `clearance` of it (1 elsewhere). Node (i, j) sits at
+    (i·width/(nx−1), j·height/(ny−1))."""
     nx = round(width / CELL) + 1
     ny = round(height / CELL) + 1
     hx, hy = width / (nx - 1), height / (ny - 1)
     gx, gy = np.meshgrid(np.arange(nx) * hx, np.arange(ny) * hy, indexing="ij")
-    weight = np.where(_inside(gx, gy, costly), cost, 1.0)
+    weight = np.where(distance_to_rect(gx, gy, costly) <= clearance, cost, 1.0)
     dist = np.where(_inside(gx, gy, target), 0.0, np.inf)
     while True:
         before = dist.copy()
