@@ -12,7 +12,7 @@ import torch
 
 from tether.algos.base import Transitions
 from tether.algos.dqn import Config, QNetwork, build
-from tether.algos.offpolicy import clip_grad_norm, flush_denormals
+from tether.algos.optim import clip_grad_norm, flush_denormals
 from tether.config import ConfigError
 
 OBS = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)

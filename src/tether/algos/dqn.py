@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tether.algos.base import ActOut, Transitions
-from tether.algos.offpolicy import ReplayLearner, adam, clip_grad_norm, flush_denormals, linear_schedule
+from tether.algos.offpolicy import ReplayLearner, linear_schedule
+from tether.algos.optim import adam, clip_grad_norm, flush_denormals
 from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError

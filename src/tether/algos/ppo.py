@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tether.algos.base import ActOut, Transitions
+from tether.algos.optim import adam, clip_grad_norm, flush_denormals
 from tether.buffers.returns import gae
 from tether.buffers.rollout import RolloutBuffer, flatten_obs
 from tether.config import ConfigError
@@ -132,7 +133,7 @@ class PPO:
         )
         self.ret_norm = RunningNorm(()).to(self.device) if config.normalize_reward else None
         self._returns = np.zeros(num_envs)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.learning_rate, eps=1e-5)
+        self.optimizer = adam(self.net.parameters(), config.learning_rate, self.device, eps=1e-5)
         self.buffer = RolloutBuffer(
             config.rollout_steps, num_envs, observation_space, action_space, self.device
         )
@@ -257,40 +258,44 @@ class PPO:
         stats: dict[str, list[float]] = {
             k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
         }
-        for _epoch in range(cfg.num_epochs):
-            perm = torch.randperm(total, generator=self.generator).to(self.device)
-            kl_epoch = []
-            for start in range(0, total - mb + 1, mb):
-                idx = perm[start : start + mb]
-                obs_mb = flatten_obs_index(b_obs, idx)
-                dist = self.net.distribution(obs_mb)
-                logp = dist.log_prob(b_act[idx])
-                entropy = dist.entropy().mean()
-                log_ratio = logp - b_logp[idx]
-                ratio = log_ratio.exp()
-                mb_adv = b_adv[idx]
-                if cfg.normalize_advantages and mb > 1:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                # Clipped surrogate objective.
-                pg_loss = torch.max(
-                    -mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
-                ).mean()
-                value_loss = 0.5 * (self.net.value(obs_mb) - b_ret[idx]).pow(2).mean()
-                loss = pg_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - log_ratio).mean().item()
-                    stats["clip_fraction"].append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
-                stats["policy_loss"].append(pg_loss.item())
-                stats["value_loss"].append(value_loss.item())
-                stats["entropy"].append(entropy.item())
-                stats["approx_kl"].append(approx_kl)
-                kl_epoch.append(approx_kl)
-            if cfg.target_kl is not None and kl_epoch and float(np.mean(kl_epoch)) > 1.5 * cfg.target_kl:
-                break
+        params = list(self.net.parameters())
+        with flush_denormals():
+            for _epoch in range(cfg.num_epochs):
+                perm = torch.randperm(total, generator=self.generator).to(self.device)
+                kl_epoch = []
+                for start in range(0, total - mb + 1, mb):
+                    idx = perm[start : start + mb]
+                    obs_mb = flatten_obs_index(b_obs, idx)
+                    dist = self.net.distribution(obs_mb)
+                    logp = dist.log_prob(b_act[idx])
+                    entropy = dist.entropy().mean()
+                    log_ratio = logp - b_logp[idx]
+                    ratio = log_ratio.exp()
+                    mb_adv = b_adv[idx]
+                    if cfg.normalize_advantages and mb > 1:
+                        mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                    # Clipped surrogate objective.
+                    pg_loss = torch.max(
+                        -mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
+                    ).mean()
+                    value_loss = 0.5 * (self.net.value(obs_mb) - b_ret[idx]).pow(2).mean()
+                    loss = pg_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    clip_grad_norm(params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - log_ratio).mean().item()
+                        stats["clip_fraction"].append(
+                            ((ratio - 1).abs() > cfg.clip_range).float().mean().item()
+                        )
+                    stats["policy_loss"].append(pg_loss.item())
+                    stats["value_loss"].append(value_loss.item())
+                    stats["entropy"].append(entropy.item())
+                    stats["approx_kl"].append(approx_kl)
+                    kl_epoch.append(approx_kl)
+                if cfg.target_kl is not None and kl_epoch and float(np.mean(kl_epoch)) > 1.5 * cfg.target_kl:
+                    break
 
         if self.obs_norm is not None and feats is not None:
             # Statistics move between rollouts, never inside one, so stored log-probs stay valid.
