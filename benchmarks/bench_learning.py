@@ -1,10 +1,12 @@
-"""Off-policy learning at the RL Baselines3 Zoo's step budgets, plus SAC against PPO on Lunabotics
-at equal wall-clock time. Long: run one case at a time.
+"""Learning at fixed step budgets (the RL Baselines3 Zoo's, and the `make demo` preset's), plus
+SAC against PPO on Lunabotics at equal wall-clock time. Long: run one case at a time.
 
-    python benchmarks/bench_offpolicy_learning.py dqn-lunarlander        # ≥ 150 within 100k steps
-    python benchmarks/bench_offpolicy_learning.py sac-lunarlander        # ≥ 200 within 500k steps
-    python benchmarks/bench_offpolicy_learning.py lunabotics --seconds 1800
-    python benchmarks/bench_offpolicy_learning.py lunarlander-dqn-vs-sb3  # same budget, SB3 DQN beside
+    python benchmarks/bench_learning.py ppo-lunarlander        # ≥ 200 within 1M steps
+    python benchmarks/bench_learning.py lunabotics-seeds --seeds 5   # the demo preset, seeds 0..4
+    python benchmarks/bench_learning.py dqn-lunarlander        # ≥ 150 within 100k steps
+    python benchmarks/bench_learning.py sac-lunarlander        # ≥ 200 within 500k steps
+    python benchmarks/bench_learning.py lunabotics --seconds 1800   # SAC vs PPO, equal wall-clock
+    python benchmarks/bench_learning.py lunarlander-dqn-vs-sb3  # same budget, SB3 DQN beside
 
 Each case trains with the real `Trainer` on the preset, then evaluates the deterministic policy
 for `--episodes` episodes and prints the mean return next to the target (and the peer's where
@@ -29,8 +31,8 @@ from tether.trainer import Trainer
 
 def train_and_eval(
     preset: str, overrides: list[str], episodes: int, seconds: float | None = None
-) -> tuple[float, int, float]:
-    """Returns (mean eval return, env steps trained, wall seconds)."""
+) -> tuple[float, int, float, float | None]:
+    """Returns (mean eval return, env steps trained, wall seconds, eval success rate or None)."""
     config, _ = load_config(preset, ["device=cpu", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, Path(tmp) / "run")
@@ -45,13 +47,21 @@ def train_and_eval(
                 timer.cancel()
         wall = time.perf_counter() - start
         score = evaluate(trainer.learner, config, episodes=episodes)
-    return score.mean_return, result.steps, wall
+    return score.mean_return, result.steps, wall, score.success_rate
 
 
-def report(name: str, score: float, steps: int, wall: float, target: float | None = None) -> None:
+def report(
+    name: str,
+    score: float,
+    steps: int,
+    wall: float,
+    success: float | None = None,
+    target: float | None = None,
+) -> None:
     verdict = "" if target is None else ("  PASS" if score >= target else "  below target")
     goal = "" if target is None else f" (target ≥ {target:g})"
-    print(f"{name:<34} mean return {score:8.1f}{goal} after {steps:,} steps in {wall:,.0f} s{verdict}")
+    rate = "" if success is None else f", success {100 * success:.0f} %"
+    print(f"{name:<34} mean return {score:8.1f}{goal}{rate} after {steps:,} steps in {wall:,.0f} s{verdict}")
 
 
 def sb3_dqn_lunarlander(steps: int, episodes: int) -> float:
@@ -97,8 +107,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "case", choices=["dqn-lunarlander", "sac-lunarlander", "lunabotics", "lunarlander-dqn-vs-sb3"]
+        "case",
+        choices=[
+            "ppo-lunarlander",
+            "lunabotics-seeds",
+            "dqn-lunarlander",
+            "sac-lunarlander",
+            "lunabotics",
+            "lunarlander-dqn-vs-sb3",
+        ],
     )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (lunabotics-seeds)")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument(
         "--seconds", type=float, default=1800.0, help="wall-clock budget per learner (lunabotics)"
@@ -108,7 +127,18 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     threads = f"torch_threads={args.threads}"
-    if args.case == "dqn-lunarlander":
+    if args.case == "ppo-lunarlander":
+        report(
+            "PPO LunarLander-v3 (1M)", *train_and_eval("lunarlander", [threads], args.episodes), target=200
+        )
+    elif args.case == "lunabotics-seeds":
+        # The `make demo` job as it ships: success of the deterministic policy after its budget.
+        for seed in range(args.seeds):
+            report(
+                f"PPO Lunabotics seed {seed}",
+                *train_and_eval("lunabotics", [threads, f"seed={seed}"], args.episodes),
+            )
+    elif args.case == "dqn-lunarlander":
         report(
             "DQN LunarLander-v3 (100k)",
             *train_and_eval("lunarlander-dqn", [threads], args.episodes),
