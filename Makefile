@@ -9,7 +9,7 @@ EXTRAS ?= dev
 STAMP := $(VENV)/.tether-$(EXTRAS).stamp
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench lint browser-deps clean
+.PHONY: setup demo test test-fast bench lint browser-deps tflite-env clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ browser-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
 	    echo "note: chromium/chromium-driver missing and no root: the browser test will be skipped"; exit 0; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# The TFLite converter (litert-torch) in its own environment, where `tether export --format tflite`
+# finds it (docs/export.md); about 2 GB. CI builds it so the TFLite tests run instead of skipping.
+TFLITE_VENV := $(HOME)/.cache/tether/tflite-venv
+tflite-env:
+	@$(TFLITE_VENV)/bin/python -c "import litert_torch" 2>/dev/null || { \
+	  $(PYTHON) -m venv $(TFLITE_VENV) && \
+	  $(TFLITE_VENV)/bin/pip install -q --disable-pip-version-check $(TORCH_INDEX) "$(TORCH_SPEC)" litert-torch; }
 
 demo: setup
 	$(BIN)/tether train lunabotics --serve
