@@ -200,19 +200,21 @@ def test_truncated_checkpoint_and_unsupported_format(tmp_path: Path, luna_run: t
     assert not (run / "exports" / "policy.mlmodel").exists()
 
 
+def _cli_error_lines(args: list[str], cwd: Path) -> list[str]:
+    """Run `tether ARGS` in a real process; it must fail with exit 2 and no traceback. Returns
+    its `error:` lines on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
 def test_user_mistake_is_one_line_on_stderr_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
     for args in (["export", str(tmp_path / "nothing")], ["infer", str(tmp_path / "broken.onnx")]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "tether.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=tmp_path,
-        )
-        assert proc.returncode == 2, proc.stderr
-        assert "Traceback" not in proc.stderr + proc.stdout
-        assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+        assert len(_cli_error_lines(args, tmp_path)) == 1
 
 
 # --- tether export --all over a registry query ---------------------------------------------------
@@ -290,15 +292,6 @@ def test_export_all_mistakes_are_one_line_and_exit_2(registry: str, tmp_path: Pa
     assert "--out" in _error(invoke("export", "--all", "rover", "--db", registry))
     assert "--db selects the registry for --all" in _error(invoke("export", "--db", registry))
     assert "or --all with a registry query" in _error(invoke("export"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tether.cli", "export", "--all", "drone*", "--db", registry, *out],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = _cli_error_lines(["export", "--all", "drone*", "--db", registry, *out], tmp_path)
     assert len(errors) == 1 and "registry query 'drone*' matches no model" in errors[0]
     assert not (tmp_path / "out").exists()
