@@ -465,13 +465,6 @@ class LunaboticsCore:
         cfg = self.cfg
         w, h = cfg.world_width, cfg.world_height
         edge = self._bound_r + 0.05  # the rover never starts touching a wall
-        if cfg.carry_start_region == "excavation":
-            ex0, ey0, ex1, ey1 = self._rect_exc
-            margin = cfg.rover_half_length + ORB_MARGIN
-            ex1, ey1 = min(ex1, w), min(ey1, h)
-            return ex0 + margin + u * (ex1 - ex0 - 2.0 * margin), ey0 + margin + v * (
-                ey1 - ey0 - 2.0 * margin
-            )
         c = cfg.obstacle_zone_clearance
         ox0, oy0, ox1, _ = self.zones[ZONE_OBSTACLE]
         cy0 = self._rect_con[1]
@@ -483,6 +476,12 @@ class LunaboticsCore:
             ]
         )
         area = np.clip(rects[:, 2] - rects[:, 0], 0.0, None) * np.clip(rects[:, 3] - rects[:, 1], 0.0, None)
+        if cfg.carry_start_region == "excavation" or area.sum() <= 0.0:  # (a field too small for a route)
+            ex0, ey0, ex1, ey1 = self._rect_exc
+            margin = cfg.rover_half_length + ORB_MARGIN
+            ex1, ey1 = min(ex1, w), min(ey1, h)
+            x = ex0 + margin + u * (ex1 - ex0 - 2.0 * margin)
+            return x, ey0 + margin + v * (ey1 - ey0 - 2.0 * margin)
         bounds = np.cumsum(area) / area.sum()
         k = np.minimum(np.searchsorted(bounds, u, side="right"), len(rects) - 1)
         low = np.concatenate([[0.0], bounds[:-1]])[k]
