@@ -73,6 +73,11 @@ class _ExportOptions:
     record: bool
 
 
+def _failed_checks(results: list[Any]) -> list[Any]:
+    """The exported files whose accuracy check against PyTorch did not pass."""
+    return [r for r in results if r.verify is not None and not r.verify.passed]
+
+
 def _export_source(
     source: Path, out: Path | None, opts: _ExportOptions, extra_meta: dict[str, Any] | None = None
 ) -> tuple[Path, Path, list[Any]]:
@@ -188,9 +193,19 @@ def export_cmd(
     if fmt not in FORMATS:
         raise ExportError(f"unsupported export format '{fmt}'; choose one of: {', '.join(FORMATS)}.")
     opts = _ExportOptions(
-        fmt, opset if opset is not None else DEFAULT_OPSET, verify, optimize, calibration, int8, name,
-        samples, exporter, rknn_target, record,
-    )  # fmt: skip
+        fmt=fmt,
+        opset=opset if opset is not None else DEFAULT_OPSET,
+        verify=verify,
+        optimize=optimize,
+        calibration=calibration,
+        int8=int8,
+        name=name,
+        samples=samples,
+        exporter=exporter,
+        rknn_target=rknn_target,
+        record=record,
+    )
+    torch.set_num_threads(1)  # exporting and verifying small policies: one thread, as on a device
     if export_all:
         _export_registry(run or "*", out, db, opts, as_json)
         return
@@ -201,9 +216,8 @@ def export_cmd(
             "pass a run directory or checkpoint to export, or --all with a registry query "
             "(e.g. tether export --all 'rover*@production' --out exports/)."
         )
-    torch.set_num_threads(1)
     ckpt, out_dir, results = _export_source(Path(run), out, opts)
-    failed = [r for r in results if r.verify is not None and not r.verify.passed]
+    failed = _failed_checks(results)
     if as_json:
         print(json.dumps({"checkpoint": str(ckpt), "files": [r.to_dict() for r in results]}))
     else:
@@ -231,11 +245,10 @@ def _export_registry(
 ) -> None:
     """`tether export --all QUERY`: every selected model's checkpoint, one result line each;
     a failed model does not stop the others, and any failure makes the exit code 1."""
-    import torch
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tether.errors import TetherError
+    from tether.errors import TetherError, first_line
     from tether.export.runtime import ExportError
     from tether.export.selection import parse_query, select_models
     from tether.store import open_store
@@ -245,7 +258,6 @@ def _export_registry(
         raise ExportError("--all exports several models; choose where with --out DIR.")
     with open_store(db) as store:
         selection = select_models(store, query)
-    torch.set_num_threads(1)
     # Progress goes to stderr with --json, so stdout stays one JSON object.
     shown = Console(stderr=True) if as_json else console
     if selection.skipped:
@@ -277,7 +289,7 @@ def _export_registry(
             except Exception as exc:
                 # One model's bad checkpoint (or an exporter bug on its graph) must not cost the
                 # others their export; a Tether error is already one sentence, others get a name.
-                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                text = first_line(exc)
                 entry["error"] = text if isinstance(exc, TetherError) else f"{exc.__class__.__name__}: {text}"
                 progress.console.print(
                     f"[red]✗[/] {escape(record.ref)}: {escape(entry['error'])}",
@@ -285,7 +297,7 @@ def _export_registry(
                     soft_wrap=True,
                 )
             else:
-                bad = [r.path.name for r in results if r.verify is not None and not r.verify.passed]
+                bad = [r.path.name for r in _failed_checks(results)]
                 entry.update(checkpoint=str(ckpt), out=str(out_dir), files=[r.to_dict() for r in results])
                 if bad and opts.verify:
                     entry["error"] = f"{', '.join(bad)} differ from PyTorch beyond the tolerance"

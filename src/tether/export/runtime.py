@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tether.errors import TetherError
+from tether.errors import TetherError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +146,23 @@ _ORT_DTYPES = {
 
 
 class _BoundCall:
-    """The single-observation fast path: `call()` runs the session on the bound buffers, `obs`
-    is a view of the bound input row and `take()` copies out the first output's row (an array,
-    or a numpy scalar for a per-row scalar such as a discrete action), with no indexing per call."""
+    """The single-observation fast path: `run(obs)` copies `obs` into the bound input row and
+    runs the session on the bound buffers; `take()` then copies out the first output's row (an
+    array, or a numpy scalar for a per-row scalar such as a discrete action), with no indexing
+    per call. The caller serialises calls: the buffers are shared."""
 
-    __slots__ = ("binding", "buffers", "call", "obs", "shape", "take")
+    __slots__ = ("buffers", "call", "obs", "shape", "take")
 
-    def __init__(self, binding: Any, call: Any, obs: np.ndarray, buffers: list[np.ndarray]) -> None:
-        self.binding, self.call, self.obs, self.shape = binding, call, obs, obs.shape
-        self.buffers = buffers  # every bound output; the binding points into them
+    def __init__(self, call: Any, obs: np.ndarray, buffers: list[np.ndarray]) -> None:
+        self.call, self.obs, self.shape = call, obs, obs.shape
+        self.buffers = buffers  # every bound output; the binding (held by `call`) points into them
         row = buffers[0][0, ...]  # a view even when the row is 0-d
         self.take = row.copy if row.ndim else functools.partial(row.__getitem__, ())
+
+    def run(self, obs: np.ndarray) -> None:
+        # Slice assignment casts like copyto(casting="unsafe") at a third of its cost.
+        self.obs[...] = obs
+        self.call()
 
 
 def _run_options(ort: Any) -> Any:
@@ -197,7 +203,7 @@ class OnnxRuntimePolicy:
             )
         except Exception as exc:
             raise ExportError(
-                f"{path} is not a readable ONNX model ({_first_line(exc)}): "
+                f"{path} is not a readable ONNX model ({first_line(exc)}): "
                 "it is truncated or corrupt; export it again."
             ) from None
         self.provider = self.session.get_providers()[0]
@@ -239,7 +245,7 @@ class OnnxRuntimePolicy:
             binding.bind_output(o.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         # Every output stays bound (ONNX Runtime needs a place for each); `run` reads the first.
         call = functools.partial(self.session.run_with_iobinding, binding, run_options)
-        return _BoundCall(binding, call, bound_in[0, ...], bound_out)
+        return _BoundCall(call, bound_in[0, ...], bound_out)
 
     def _feed(self, obs: Any) -> tuple[dict[str, np.ndarray], bool]:
         if isinstance(obs, dict):
@@ -263,9 +269,7 @@ class OnnxRuntimePolicy:
         if bound is not None and isinstance(obs, np.ndarray):
             if obs.shape == bound.shape:
                 with self._single_lock:
-                    # Slice assignment casts like copyto(casting="unsafe") at a third of its cost.
-                    bound.obs[...] = obs
-                    bound.call()
+                    bound.run(obs)
                     return bound.take()
             if obs.ndim == self._ranks[0] - 1:
                 raise ExportError(f"observation has shape {obs.shape}; the model takes {bound.shape}.")
@@ -278,8 +282,7 @@ class OnnxRuntimePolicy:
         bound = self._single
         if bound is not None and isinstance(obs, np.ndarray) and obs.shape == bound.shape:
             with self._single_lock:
-                bound.obs[...] = obs
-                bound.call()
+                bound.run(obs)
                 return {n: b[0].copy() for n, b in zip(self.output_names, bound.buffers, strict=True)}
         feed, single = self._feed(obs)
         outs = self.session.run(self.output_names, feed, self._run_options)
@@ -311,7 +314,7 @@ class TFLitePolicy:
             self.interpreter.allocate_tensors()
         except Exception as exc:
             raise ExportError(
-                f"{path} is not a readable TFLite model ({_first_line(exc)}): "
+                f"{path} is not a readable TFLite model ({first_line(exc)}): "
                 "it is truncated or corrupt; export it again."
             ) from None
         # litert-torch names signature inputs args_0, args_1, ... and outputs output_0, ... in the
@@ -416,11 +419,6 @@ def _tflite_interpreter() -> tuple[Any, Any]:
                 "install it with `pip install ai-edge-litert` (or tflite-runtime on older boards)."
             ) from None
     return Interpreter, load_delegate
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else exc.__class__.__name__)[:200]
 
 
 def load_runtime(

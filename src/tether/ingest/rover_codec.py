@@ -460,32 +460,22 @@ def decode(
 
 
 @functools.lru_cache(maxsize=64)
-def _nearest_index(size_in: int, size_out: int) -> np.ndarray | None:
+def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
     """Source index per output pixel of Pillow's NEAREST resize, bit for bit: Pillow accumulates
-    `xo += scale` from `scale / 2` and truncates, so the sum is replayed in the same order. None
-    where Pillow would sample outside the image (it never does for a plain resize; kept safe)."""
+    `xo += scale` from `scale / 2` and truncates, so the sum is replayed in the same order."""
     scale = size_in / size_out
     xo = 0.0 + scale * 0.5
     index = np.empty(size_out, np.intp)
     for i in range(size_out):
         index[i] = int(xo)
         xo += scale
-    if size_out and not 0 <= int(index[-1]) < size_in:
-        return None
     index.flags.writeable = False
     return index
 
 
 def _resize_depth_nearest(depth: np.ndarray, w: int, h: int) -> np.ndarray:
-    rows, cols = _nearest_index(depth.shape[0], h), _nearest_index(depth.shape[1], w)
-    if rows is None or cols is None:  # pragma: no cover - see _nearest_index
-        return np.asarray(
-            Image.fromarray(np.ascontiguousarray(depth, dtype=np.float32)).resize(
-                (w, h), Image.Resampling.NEAREST
-            )
-        )
     # Same pixels as Pillow's NEAREST, without copying the full frame into an image first.
-    return depth[rows[:, None], cols]
+    return depth[_nearest_index(depth.shape[0], h)[:, None], _nearest_index(depth.shape[1], w)]
 
 
 def to_network_input(
