@@ -16,11 +16,13 @@ from typer.testing import CliRunner
 
 from tether.algos import algorithm_module
 from tether.algos.base import Transitions
+from tether.algos.qtable import QTableLearner, parse_qtable_json
 from tether.checkpoint import save_checkpoint
 from tether.commands.export import register
 from tether.config import load_config
 from tether.envs import final_observations, make_vector_env
-from tether.export.runtime import ExportError, load_runtime
+from tether.export.qtable import export_qtable_json
+from tether.export.runtime import ExportError, load_runtime, sha256_file
 from tether.spaces import space_to_dict
 from tether.trainer import build_learner
 
@@ -189,6 +191,44 @@ def test_checkpoint_of_another_or_unknown_algorithm(tmp_path: Path, luna_run: tu
     assert "do not fit the sac learner" in _error(invoke("export", str(tmp_path / "swap.pt")))
     save_checkpoint(tmp_path / "foreign.pt", {"weights": torch.zeros(3)})
     assert "not a Tether training checkpoint" in _error(invoke("export", str(tmp_path / "foreign.pt")))
+
+
+def test_qtable_run_exports_its_table_as_json(tmp_path: Path, luna_run: tuple[Path, Any]) -> None:
+    run_dir = tmp_path / "frozenlake"
+    _, learner = _checkpoint(run_dir / "final.pt", "frozenlake-qtable", [], 3000)
+    result = invoke("export", str(run_dir), "--format", "qtable-json", "--json")
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.output.strip().splitlines()[-1])["files"]
+    path = Path(entry["path"])
+    assert path == run_dir / "exports" / "policy.qtable.json"
+    document = json.loads(path.read_text())
+    assert learner.num_states > 1 and parse_qtable_json(document) == learner.table
+    side = json.loads((run_dir / "exports" / "policy.qtable.json.json").read_text())
+    assert side["model_format"] == "qtable-json" and side["read_back"] == "identical"
+    assert side["sha256"] == entry["sha256"] == sha256_file(path)
+    assert side["num_entries"] == learner.num_entries and side["source"]["job"] == "frozenlake-qtable"
+    # A device importing the file acts as the trained learner does.
+    imported = QTableLearner(learner.config, learner.observation_space, learner.action_space)
+    imported.from_json(document)
+    states = np.arange(16)
+    assert np.array_equal(
+        imported.act(states, explore=False).action, learner.act(states, explore=False).action
+    )
+    # The wrong pairings say what to do and write nothing.
+    assert "export its table with --format qtable-json" in _error(invoke("export", str(run_dir)))
+    assert not (run_dir / "exports" / "policy.onnx").exists()
+    luna, _ = luna_run
+    assert "exports tabular Q-learning runs" in _error(invoke("export", str(luna), "--format", "qtable-json"))
+    assert not (luna / "exports" / "policy.qtable.json").exists()
+
+
+def test_qtable_export_refuses_a_table_json_cannot_hold(tmp_path: Path) -> None:
+    learner = QTableLearner()
+    learner.learn(0, 1, 1.0, 1, False)
+    learner.table[0][1] = float("nan")
+    with pytest.raises(ExportError, match="non-finite"):
+        export_qtable_json(learner, tmp_path / "t.qtable.json")
+    assert not (tmp_path / "t.qtable.json").exists()
 
 
 def test_truncated_checkpoint_and_unsupported_format(tmp_path: Path, luna_run: tuple[Path, Any]) -> None:

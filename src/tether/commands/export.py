@@ -86,10 +86,15 @@ def _export_source(
     from tether.export.quantize import load_calibration
     from tether.export.verify import record_observations
 
-    loaded = load_export_source(source)
+    table = opts.fmt == "qtable-json"
+    loaded = load_export_source(source, table=table)
     ckpt: Path = loaded.checkpoint
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     out_dir = out if out is not None else run_dir / "exports"
+    metadata = {**source_metadata(loaded), **(extra_meta or {})}
+    if table:
+        args = (loaded.learner, loaded.observation_space, loaded.action_space, out_dir, opts.fmt)
+        return ckpt, out_dir, export_learner(*args, name=opts.name, metadata=metadata)
     _, in_specs, _ = build_graph(loaded.learner.policy(), loaded.observation_space, loaded.action_space)
     recorded: Any = None
     calib = None
@@ -114,7 +119,7 @@ def _export_source(
         calibration=calib,
         int8_mode=opts.int8,
         rknn_target=opts.rknn_target,
-        metadata={**source_metadata(loaded), **(extra_meta or {})},
+        metadata=metadata,
     )
     return ckpt, out_dir, results
 
@@ -131,7 +136,12 @@ def export_cmd(
         ),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="onnx, onnx-fp16, onnx-int8, tflite or rknn.")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="onnx, onnx-fp16, onnx-int8, tflite, rknn, or qtable-json for a Q-table run.",
+        ),
     ] = "onnx",
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default 17).")] = None,
     verify: Annotated[

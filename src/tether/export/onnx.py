@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tflite", "rknn")
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tflite", "rknn", "qtable-json")
 # 17 loads in every ONNX Runtime since 1.12, rknn-toolkit2, TensorRT 8.5+ and OpenVINO.
 DEFAULT_OPSET = 17
 MIN_OPSET = 11
@@ -562,6 +562,7 @@ FILE_SUFFIXES = {
     "onnx-int8": ".int8.onnx",
     "tflite": ".tflite",
     "rknn": ".rknn",
+    "qtable-json": ".qtable.json",
 }
 
 
@@ -618,6 +619,10 @@ def export_learner(
         raise ExportError(f"unknown INT8 mode '{int8_mode}'; choose dynamic or static.")
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ExportError(f"export name '{name}' must be a plain file name without slashes.")
+    if fmt == "qtable-json":  # a table, not a graph: none of the steps below apply
+        from tether.export.qtable import export_qtable_json
+
+        return [export_qtable_json(learner, out_dir / f"{name}{FILE_SUFFIXES[fmt]}", metadata)]
     # Find the converter environments before spending time on anything else.
     if fmt == "tflite":
         from tether.export.tflite import find_tflite_python
@@ -752,10 +757,11 @@ def export_learner(
 EXPORTABLE_ALGORITHMS = ("ppo", "dqn", "sac")
 
 
-def load_export_source(run_or_checkpoint: Path) -> Any:
+def load_export_source(run_or_checkpoint: Path, table: bool = False) -> Any:
     """Load a run directory or checkpoint for export (`tether.runs.LoadedRun`), refusing with one
     sentence a checkpoint that is not ours, of an unknown algorithm, of one without a neural
-    policy, or whose weights do not fit the learner its own config builds."""
+    policy (or, with `table`, of one that is not a Q-table), or whose weights do not fit the
+    learner its own config builds."""
     from tether.algos import ALGORITHMS
     from tether.checkpoint import load_checkpoint
     from tether.runs import load_learner, resolve_checkpoint
@@ -772,10 +778,16 @@ def load_export_source(run_or_checkpoint: Path) -> Any:
             f"checkpoint {ckpt.name} was written by an unknown algorithm {algorithm!r}; "
             f"tether export handles {', '.join(EXPORTABLE_ALGORITHMS)}."
         )
-    if algorithm not in EXPORTABLE_ALGORITHMS:
+    if table and algorithm != "qtable":
+        raise ExportError(
+            f"--format qtable-json exports tabular Q-learning runs; checkpoint {ckpt.name} holds a "
+            f"{algorithm} learner: export it as onnx."
+        )
+    if not table and algorithm not in EXPORTABLE_ALGORITHMS:
+        hint = "; export its table with --format qtable-json" if algorithm == "qtable" else ""
         raise ExportError(
             f"checkpoint {ckpt.name} holds a {algorithm} learner, which has no neural policy to export; "
-            f"tether export handles {', '.join(EXPORTABLE_ALGORITHMS)}."
+            f"tether export handles {', '.join(EXPORTABLE_ALGORITHMS)}{hint}."
         )
     configured = (state.get("config") or {}).get("training", {}).get("algorithm", "ppo")
     if configured != algorithm:
