@@ -91,18 +91,15 @@ def _export_source(
     ckpt: Path = loaded.checkpoint
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     out_dir = out if out is not None else run_dir / "exports"
-    metadata = {**source_metadata(loaded), **(extra_meta or {})}
-    if table:
-        args = (loaded.learner, loaded.observation_space, loaded.action_space, out_dir, opts.fmt)
-        return ckpt, out_dir, export_learner(*args, name=opts.name, metadata=metadata)
-    _, in_specs, _ = build_graph(loaded.learner.policy(), loaded.observation_space, loaded.action_space)
     recorded: Any = None
     calib = None
-    if opts.calibration is not None:
-        calib = load_calibration(opts.calibration, in_specs)
-        recorded = calib if len(in_specs) > 1 else calib[in_specs[0].name]
-    elif opts.record:
-        recorded = record_observations(loaded.learner, loaded.config, n=opts.samples)
+    if not table:  # a Q-table has no graph to verify, so nothing to record for it
+        _, in_specs, _ = build_graph(loaded.learner.policy(), loaded.observation_space, loaded.action_space)
+        if opts.calibration is not None:
+            calib = load_calibration(opts.calibration, in_specs)
+            recorded = calib if len(in_specs) > 1 else calib[in_specs[0].name]
+        elif opts.record:
+            recorded = record_observations(loaded.learner, loaded.config, n=opts.samples)
     results = export_learner(
         loaded.learner,
         loaded.observation_space,
@@ -119,7 +116,7 @@ def _export_source(
         calibration=calib,
         int8_mode=opts.int8,
         rknn_target=opts.rknn_target,
-        metadata=metadata,
+        metadata={**source_metadata(loaded), **(extra_meta or {})},
     )
     return ckpt, out_dir, results
 

@@ -518,15 +518,8 @@ def write_sidecar(
 ) -> dict[str, Any]:
     """Write `<model file>.json` next to a finished model file and return its content."""
     sidecar: dict[str, Any] = {
-        "format": SIDECAR_FORMAT,
-        "sidecar_version": SIDECAR_VERSION,
-        "model_format": fmt,
-        "file": model_path.name,
-        "size_bytes": model_path.stat().st_size,
-        "sha256": sha256_file(model_path),
-        "tether_version": __version__,
+        **file_facts(model_path, fmt),
         "torch_version": torch.__version__.split("+")[0],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": [s.to_dict() for s in inputs],
         "outputs": [s.to_dict() for s in outputs],
         "observation_space": space_spec(observation_space)
@@ -535,11 +528,38 @@ def write_sidecar(
         "action_space": space_spec(action_space) if isinstance(action_space, gym.Space) else action_space,
         "normalizer": normalizer or [],
     }
-    # Caller-supplied keys never overwrite the facts about the file itself.
-    for key, value in {**(extra or {}), **(metadata or {})}.items():
-        sidecar.setdefault(key, _json_safe(value))
+    add_metadata(sidecar, {**(extra or {}), **(metadata or {})})
     update_sidecar(model_path, sidecar)
     return sidecar
+
+
+def file_facts(model_path: Path, fmt: str) -> dict[str, Any]:
+    """What every sidecar says about its finished model file itself."""
+    return {
+        "format": SIDECAR_FORMAT,
+        "sidecar_version": SIDECAR_VERSION,
+        "model_format": fmt,
+        "file": model_path.name,
+        "size_bytes": model_path.stat().st_size,
+        "sha256": sha256_file(model_path),
+        "tether_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def add_metadata(sidecar: dict[str, Any], metadata: dict[str, Any] | None) -> None:
+    """Add caller-supplied keys; they never overwrite the facts about the file itself."""
+    for key, value in (metadata or {}).items():
+        sidecar.setdefault(key, _json_safe(value))
+
+
+def sidecar_result(model_path: Path, sidecar: dict[str, Any]) -> ExportResult:
+    """Write `sidecar` next to `model_path` and describe the pair."""
+    update_sidecar(model_path, sidecar)
+    fmt = sidecar["model_format"]
+    return ExportResult(
+        fmt, model_path, sidecar_path(model_path), sidecar["size_bytes"], sidecar["sha256"], sidecar
+    )
 
 
 def update_sidecar(model_path: Path, sidecar: dict[str, Any]) -> None:
@@ -568,18 +588,13 @@ FILE_SUFFIXES = {
 
 def derive_sidecar(base: ExportResult, path: Path, fmt: str, extra: dict[str, Any]) -> ExportResult:
     """The sidecar of a file made from `base` (FP16, INT8, optimised): same specs, new checksum."""
-    sidecar = dict(base.sidecar)
-    sidecar.update(
-        model_format=fmt,
-        file=path.name,
-        size_bytes=path.stat().st_size,
-        sha256=sha256_file(path),
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        derived_from={"file": base.path.name, "sha256": base.sha256},
-    )
-    sidecar.update(_json_safe(extra))
-    update_sidecar(path, sidecar)
-    return ExportResult(fmt, path, sidecar_path(path), sidecar["size_bytes"], sidecar["sha256"], sidecar)
+    sidecar = {
+        **base.sidecar,
+        **file_facts(path, fmt),
+        "derived_from": {"file": base.path.name, "sha256": base.sha256},
+        **_json_safe(extra),
+    }
+    return sidecar_result(path, sidecar)
 
 
 def export_learner(

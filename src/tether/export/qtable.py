@@ -7,21 +7,19 @@ same validating parser a device-side import uses, gives exactly the learner's ta
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from tether import __version__
 from tether.algos.qtable import QTableError, QTableLearner, parse_qtable_json
 from tether.checkpoint import atomic_write_text
-from tether.export.runtime import SIDECAR_FORMAT, ExportError, sha256_file, sidecar_path
+from tether.export.runtime import ExportError
 
 QTABLE_FORMAT = "qtable-json"
 
 
 def export_qtable_json(learner: Any, path: Path, metadata: dict[str, Any] | None = None) -> Any:
     """Write `learner`'s table to `path` and its sidecar next to it; returns the `ExportResult`."""
-    from tether.export.onnx import SIDECAR_VERSION, ExportResult, update_sidecar
+    from tether.export.onnx import add_metadata, file_facts, sidecar_result
 
     if not isinstance(learner, QTableLearner):
         raise ExportError(
@@ -42,23 +40,9 @@ def export_qtable_json(learner: Any, path: Path, metadata: dict[str, Any] | None
     if read_back != learner.table:
         raise ExportError(f"{path.name} does not read back as the learner's table; nothing was published.")
     sidecar: dict[str, Any] = {
-        "format": SIDECAR_FORMAT,
-        "sidecar_version": SIDECAR_VERSION,
-        "model_format": QTABLE_FORMAT,
-        "file": path.name,
-        "size_bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-        "tether_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "num_states": document["num_states"],
-        "num_entries": document["num_entries"],
-        "state_type": document["state_type"],
-        "action_type": document["action_type"],
+        **file_facts(path, QTABLE_FORMAT),
+        **{k: document[k] for k in ("num_states", "num_entries", "state_type", "action_type")},
         "read_back": "identical",
     }
-    for key, value in (metadata or {}).items():
-        sidecar.setdefault(key, value)
-    update_sidecar(path, sidecar)
-    return ExportResult(
-        QTABLE_FORMAT, path, sidecar_path(path), sidecar["size_bytes"], sidecar["sha256"], sidecar
-    )
+    add_metadata(sidecar, metadata)
+    return sidecar_result(path, sidecar)
