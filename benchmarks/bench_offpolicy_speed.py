@@ -9,6 +9,10 @@ process (the steadier figure on a shared machine).
     python benchmarks/bench_offpolicy_speed.py                 # DQN CartPole-v1 + SAC Pendulum-v1
     python benchmarks/bench_offpolicy_speed.py --only sac --sac-steps 5000 --repeats 3
 
+Tether runs twice per case: with `training.precision=float32` (the default: the same arithmetic
+as SB3) and with `training.precision=auto` (bfloat16 hidden-to-hidden products on a CPU with AMX,
+float32 elsewhere; see docs/offpolicy.md). Both ratios are printed.
+
 Notes on "same hyperparameters": SB3's DQN has no Double-DQN, so the Tether side runs with
 `double_q=false` here; SB3 counts `target_update_interval` in env steps, Tether in gradient steps,
 and the mapping keeps the target-sync period in env steps equal.
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 
+from tether.algos.passes import has_native_bf16
 from tether.config import load_config
 from tether.trainer import Trainer
 
@@ -114,17 +119,28 @@ def sb3_sac(steps: int, threads: int, seed: int = 0) -> Speed:
     return _timed(lambda: model.learn(total_timesteps=steps) and steps, steps)
 
 
-def compare(name: str, ours: Any, peer: Any, repeats: int) -> None:
-    runs_ours, runs_peer = [], []
-    for _ in range(repeats):  # interleaved, so load changes hit both sides alike
-        runs_ours.append(ours())
-        runs_peer.append(peer())
-    wall_o, cpu_o = (statistics.median(x) for x in zip(*runs_ours, strict=True))
-    wall_p, cpu_p = (statistics.median(x) for x in zip(*runs_peer, strict=True))
-    print(
-        f"{name:<26} wall: tether {wall_o:7.0f} sb3 {wall_p:7.0f} steps/s ratio {wall_o / wall_p:5.2f}x | "
-        f"CPU: tether {cpu_o:7.0f} sb3 {cpu_p:7.0f} steps/CPU-s ratio {cpu_o / cpu_p:5.2f}x"
-    )
+def compare(name: str, ours: dict[str, Any], peer: Any, repeats: int) -> None:
+    """Median speeds over `repeats` interleaved runs (so load changes hit every side alike) of each
+    Tether variant in `ours` and of the peer, with the ratios."""
+    runs: dict[str, list[Speed]] = {label: [] for label in [*ours, "sb3"]}
+    for _ in range(repeats):
+        for label, run in ours.items():
+            runs[label].append(run())
+        runs["sb3"].append(peer())
+    wall_p, cpu_p = (statistics.median(x) for x in zip(*runs["sb3"], strict=True))
+    for label in ours:
+        wall_o, cpu_o = (statistics.median(x) for x in zip(*runs[label], strict=True))
+        print(
+            f"{name:<22} {label:<9} wall: tether {wall_o:6.0f} sb3 {wall_p:6.0f} steps/s ratio "
+            f"{wall_o / wall_p:5.2f}x | CPU: tether {cpu_o:6.0f} sb3 {cpu_p:6.0f} steps/CPU-s ratio "
+            f"{cpu_o / cpu_p:5.2f}x"
+        )
+
+
+def warm_up() -> None:
+    """Pay the process's one-time costs before any timed run, so neither side is charged for
+    them: the first `torch.optim.Adam` imports torch._dynamo (about a second)."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
 def main() -> None:
@@ -138,18 +154,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
+    warm_up()
+    native = has_native_bf16(torch.device("cpu"))
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), CPU; precision=auto multiplies in "
+        f"{'bfloat16 (AMX)' if native else 'float32 (no native bfloat16 here)'}"
+    )
+
+    def variants(preset: str, steps: int, extra: list[str]) -> dict[str, Any]:
+        return {
+            p: lambda p=p: tether_run(preset, steps, args.threads, [*extra, f"training.precision={p}"])
+            for p in ("float32", "auto")
+        }
+
     if args.only in (None, "dqn"):
         compare(
             f"DQN CartPole-v1 ({args.dqn_steps // 1000}k)",
-            lambda: tether_run("cartpole-dqn", args.dqn_steps, args.threads, ["training.double_q=false"]),
+            variants("cartpole-dqn", args.dqn_steps, ["training.double_q=false"]),
             lambda: sb3_dqn(args.dqn_steps, args.threads),
             args.repeats,
         )
     if args.only in (None, "sac"):
         compare(
             f"SAC Pendulum-v1 ({args.sac_steps // 1000}k)",
-            lambda: tether_run("pendulum-sac", args.sac_steps, args.threads, []),
+            variants("pendulum-sac", args.sac_steps, []),
             lambda: sb3_sac(args.sac_steps, args.threads),
             args.repeats,
         )

@@ -19,6 +19,7 @@ The update, for a sampled batch (s, a, G, s', terminated, discount = γ^k):
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
@@ -30,7 +31,8 @@ from torch import nn
 
 from tether.algos.base import ActOut, Transitions
 from tether.algos.offpolicy import ReplayLearner, linear_schedule
-from tether.algos.optim import adam, clip_grad_norm, flush_denormals
+from tether.algos.optim import adam, adam_step, clip_grads, flush_denormals
+from tether.algos.passes import MlpPasses, Precision, Tape, matmul_dtype
 from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
@@ -83,6 +85,11 @@ class Config(BaseModel):
     max_grad_norm: float | None = Field(10.0, gt=0.0)
     net_arch: list[int] = Field(default_factory=lambda: [64, 64])
     activation: str = "relu"
+    precision: Precision = Field(
+        "float32",
+        description="dtype of the hidden-to-hidden matrix products: float32, bfloat16, or auto "
+        "(bfloat16 on CPUs that multiply it natively, float32 elsewhere)",
+    )
     save_replay: bool = Field(True, description="include the replay buffer in checkpoints")
 
 
@@ -162,6 +169,14 @@ class DQN(ReplayLearner):
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
         self._params = list(self.q.parameters())
         self.optimizer = adam(self._params, c.learning_rate, self.device)
+        # Hand-written passes for a plain MLP (see tether.algos.passes); a dueling head or another
+        # activation goes through autograd.
+        manual = not c.dueling and MlpPasses.supports(self.q.q)
+        dtype = matmul_dtype(c.precision, self.device)
+        self._passes = MlpPasses(self.q.q, dtype) if manual else None
+        self._target_passes = MlpPasses(self.q_target.q, dtype) if manual else None
+        # The gradients the clip sees: one flat tensor behind every .grad with the manual passes.
+        self._grads = self._passes.allocate_grads() if self._passes is not None else None
         self._init_replay("dqn", observation_space, action_space, seed, total_steps, priority_eps=c.per_eps)
 
     # ------------------------------------------------------------------------ acting
@@ -180,7 +195,7 @@ class DQN(ReplayLearner):
         if random.all():  # skip the network entirely while exploring at ε = 1
             return ActOut(self.rng.integers(0, self.n_actions, n))
         with torch.no_grad():
-            actions = self.q(self._tensor(obs)).argmax(1).cpu().numpy()
+            actions = self._q_values(self._tensor(obs)).argmax(1).cpu().numpy()
         if random.any():
             actions[random] = self.rng.integers(0, self.n_actions, int(random.sum()))
         return ActOut(actions)
@@ -194,19 +209,25 @@ class DQN(ReplayLearner):
         steps = self._take_rounds() * c.gradient_steps
         for group in self.optimizer.param_groups:  # live changes take effect here
             group["lr"] = self.learning_rate
-        losses, q_means = [], []
+        # Per step: δ, Q(s, a) and the importance weights, for the round's loss and Q metrics.
+        tds: list[torch.Tensor] = []
+        qs: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
         with flush_denormals():
-            while len(losses) < steps:
+            while len(tds) < steps:
                 # Q_target is fixed until the next target update, so the targets of every step up to
                 # it are computed in one pass. A prioritized batch must see the priorities the last
                 # step wrote, so it is drawn (and its targets computed) one step at a time.
                 span = min(
-                    steps - len(losses), c.target_update_interval - self.grad_steps % c.target_update_interval
+                    steps - len(tds), c.target_update_interval - self.grad_steps % c.target_update_interval
                 )
                 span = 1 if c.prioritized else span
                 block = self.buffer.sample_block(c.batch_size, span, self.device)
+                actions = block.action.long().unsqueeze(1)
                 with torch.no_grad():
-                    next_q_target = self._distinct_rows(self.q_target, block.next_obs, block.indices)
+                    next_q_target = self._distinct_rows(
+                        lambda x: self._q_values(x, target=True), block.next_obs, block.indices
+                    )
                     if not c.double_q:
                         targets = block.reward + block.discount * block.not_done * next_q_target.max(1).values
                 for i in range(span):
@@ -214,14 +235,15 @@ class DQN(ReplayLearner):
                     b = block.rows(rows.start, rows.stop)
                     if c.double_q:
                         with torch.no_grad():
-                            best = self.q(b.next_obs).argmax(1, keepdim=True)
+                            best = self._q_values(b.next_obs).argmax(1, keepdim=True)
                             next_q = next_q_target[rows].gather(1, best).squeeze(1)
                             target = b.reward + b.discount * b.not_done * next_q
                     else:
                         target = targets[rows]
-                    loss, q = self._gradient_step(b, target)
-                    losses.append(loss)
-                    q_means.append(q.mean())
+                    td, q = self._gradient_step(b, actions[rows], target)
+                    tds.append(td)
+                    qs.append(q)
+                    weights.append(b.weights)
 
         metrics = {
             "epsilon": self.epsilon,
@@ -229,36 +251,67 @@ class DQN(ReplayLearner):
             "grad_steps": float(self.grad_steps),
             "buffer_size": float(len(self.buffer)),
         }
-        if losses:
-            metrics["loss"] = float(torch.stack(losses).mean())
-            metrics["q_mean"] = float(torch.stack(q_means).mean())
+        if tds:
+            metrics["loss"] = float(self._loss(torch.cat(tds), torch.cat(weights)))
+            metrics["q_mean"] = float(torch.cat(qs).mean())
         if c.prioritized:
             metrics["per_beta"] = self.buffer.beta
         return metrics
 
-    def _gradient_step(self, b: TensorSample, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One Adam step on the TD loss towards `target`; returns the (detached) loss and Q(s, a)."""
-        c = self.config
-        q = self.q(b.obs).gather(1, b.action.long().unsqueeze(1)).squeeze(1)
-        td = q - target
-        per_sample = F.smooth_l1_loss(q, target, reduction="none") if c.loss == "huber" else td.pow(2)
-        loss = (b.weights * per_sample).mean() if c.prioritized else per_sample.mean()
+    def _loss(self, td: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """mean(w · huber(δ)) or mean(w · δ²); w = 1 without prioritization."""
+        per_sample = (
+            F.huber_loss(td, torch.zeros_like(td), reduction="none")
+            if self.config.loss == "huber"
+            else td.pow(2)
+        )
+        return (weights * per_sample).mean() if self.config.prioritized else per_sample.mean()
 
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def _q_values(self, obs: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """Q(obs, ·) of the online or target network (no gradient), by the hand-written pass
+        when there is one."""
+        net, passes = (self.q_target, self._target_passes) if target else (self.q, self._passes)
+        return net(obs) if passes is None else passes.forward(net.encoder(obs))
+
+    def _gradient_step(
+        self, b: TensorSample, action: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Adam step on the TD loss towards `target` for actions (B, 1); returns the
+        (detached) δ and Q(s, a)."""
+        c = self.config
+        if self._passes is None:
+            q = self.q(b.obs).gather(1, action).squeeze(1)
+            td = q - target
+            self.optimizer.zero_grad(set_to_none=True)
+            self._loss(td, b.weights).backward()
+        else:
+            with torch.no_grad():
+                tape = Tape()
+                q_all = self._passes.forward(self.q.encoder(b.obs), tape)
+                q = q_all.gather(1, action).squeeze(1)
+                td = q - target
+                # d loss / d Q(s, a): huber' = clip(δ, ±1), mse' = 2δ, each weighted, over the batch
+                grad = td.clamp(-1.0, 1.0) if c.loss == "huber" else 2.0 * td
+                if c.prioritized:
+                    grad = grad * b.weights
+                grad_q = torch.zeros_like(q_all).scatter_(1, action, grad.div_(len(q)).unsqueeze(1))
+                self._passes.backward(tape, grad_q)
         if c.max_grad_norm is not None:
-            clip_grad_norm(self._params, c.max_grad_norm)
-        self.optimizer.step()
+            clip_grads(self._grads or [p.grad for p in self._params if p.grad is not None], c.max_grad_norm)
+        adam_step(self.optimizer)
+        td, q = td.detach(), q.detach()
         if c.prioritized:
-            self.buffer.update_priorities(b.indices, td.detach().abs().cpu().numpy())
+            self.buffer.update_priorities(b.indices, td.abs().cpu().numpy())
 
         self.grad_steps += 1
         if self.grad_steps % c.target_update_interval == 0:
             self._update_target(c.tau)
-        return loss.detach(), q.detach()
+        return td, q
 
     @staticmethod
-    def _distinct_rows(net: nn.Module, obs: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+    def _distinct_rows(
+        net: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor, indices: np.ndarray
+    ) -> torch.Tensor:
         """net(obs) evaluated once per distinct buffer row: a block of many batches drawn with
         replacement repeats rows often (every row, several times, while the buffer is small)."""
         if len(indices) <= 1:

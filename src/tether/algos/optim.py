@@ -33,7 +33,57 @@ def flush_denormals() -> Iterator[None]:
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
     """`torch.nn.utils.clip_grad_norm_(params, max_norm)` (same arithmetic) without its per-call
     grouping of tensors by device and dtype, which costs more than the three ops for a small net."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
+    clip_grads([p.grad for p in params if p.grad is not None], max_norm)
+
+
+def clip_grads(grads: list[torch.Tensor], max_norm: float) -> None:
+    """Scale `grads` in place so that their joint 2-norm is at most `max_norm`."""
+    if not grads:
+        return
+    if len(grads) == 1:
+        norm = torch.linalg.vector_norm(grads[0])
+    else:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    scale = torch.clamp_max_(max_norm / (norm + 1e-6), 1.0)
+    torch._foreach_mul_(grads, scale)
+
+
+def adam_step(opt: torch.optim.Adam) -> None:
+    """`opt.step()` for a fused Adam without weight decay or AMSGrad, calling the fused kernel
+    directly: `Optimizer.step` regroups its tensors by device and dtype on every call, which costs
+    as much as the kernel for a small net. The state it creates is the one `Adam` creates, so
+    checkpoints load either way. Any other Adam configuration goes through `opt.step()`."""
+    for group in opt.param_groups:
+        if not group.get("fused") or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
+            opt.step()
+            return
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        states = []
+        for p in params:
+            state = opt.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(state)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            steps,
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=group["eps"],
+            maximize=False,
+        )

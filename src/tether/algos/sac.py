@@ -32,7 +32,8 @@ from torch import nn
 
 from tether.algos.base import ActOut, Transitions
 from tether.algos.offpolicy import ReplayLearner
-from tether.algos.optim import adam, clip_grad_norm, flush_denormals
+from tether.algos.optim import adam, adam_step, clip_grads, flush_denormals
+from tether.algos.passes import MlpPasses, Precision, Tape, matmul_dtype
 from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
@@ -77,6 +78,11 @@ class Config(BaseModel):
     max_grad_norm: float | None = Field(None, gt=0.0)
     anneal_lr: bool = Field(False, description="decay the learning rate linearly to 0 over total_steps")
     normalize_obs: bool = Field(False, description="running mean/std normalisation of observations")
+    precision: Precision = Field(
+        "float32",
+        description="dtype of the hidden-to-hidden matrix products: float32, bfloat16, or auto "
+        "(bfloat16 on CPUs that multiply it natively, float32 elsewhere)",
+    )
     save_replay: bool = Field(True, description="include the replay buffer in checkpoints")
 
 
@@ -134,12 +140,20 @@ def squashed_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Te
 
     The change of variables gives log π(ã) = log N(u) − Σ log(1 − tanh² u); the second term is
     computed as 2·(log 2 − u − softplus(−2u)), which is exact and stays finite for large |u|."""
+    action, logp, _, _ = _squashed_parts(mean, log_std)
+    return action, logp
+
+
+def _squashed_parts(
+    mean: torch.Tensor, log_std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`squashed_sample` plus the std and the standard-normal noise its gradient needs."""
     std = log_std.exp()
     noise = torch.randn_like(mean)
     u = mean + std * noise
     log_normal = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(1)
     log_det = (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(1)
-    return torch.tanh(u), log_normal - log_det
+    return torch.tanh(u), log_normal - log_det, std, noise
 
 
 class SquashedPolicy(nn.Module):
@@ -206,6 +220,17 @@ class SAC(ReplayLearner):
         self.critic_opt = adam(self.critic.parameters(), c.learning_rate, self.device)
         self.alpha_opt = adam([self.log_alpha], c.learning_rate, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Hand-written passes (see tether.algos.passes) unless an activation needs autograd.
+        nets = (self.actor.net, self.critic.net, self.critic_target.net)
+        dtype = matmul_dtype(c.precision, self.device)
+        self._passes = [MlpPasses(n, dtype) for n in nets] if all(map(MlpPasses.supports, nets)) else None
+        # The gradients the clips see: one flat tensor per network with the manual passes.
+        self._actor_grads: list[torch.Tensor] | None = None
+        self._critic_grads: list[torch.Tensor] | None = None
+        if self._passes is not None:
+            self._actor_grads = self._passes[0].allocate_grads()
+            self._critic_grads = self._passes[1].allocate_grads()
+            self.log_alpha.grad = torch.zeros_like(self.log_alpha)
         self._init_replay("sac", observation_space, action_space, seed, total_steps)
 
     # ------------------------------------------------------------------------ acting
@@ -224,7 +249,12 @@ class SAC(ReplayLearner):
             action = self.center.cpu().numpy() + self.half.cpu().numpy() * squashed
             return ActOut(action.reshape(n, *self.act_shape))
         with torch.no_grad():
-            mean, log_std = self.actor(self._obs(obs))
+            x = self._obs(obs)
+            if self._passes is None:
+                mean, log_std = self.actor(x)
+            else:
+                mean, raw_log_std = self._passes[0].forward(x).split(self.act_dim, dim=1)
+                log_std = raw_log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
             if explore:
                 u = mean + log_std.exp() * torch.randn(
                     mean.shape, generator=self.generator, device=self.device
@@ -277,10 +307,31 @@ class SAC(ReplayLearner):
         c = self.config
         obs, next_obs = self._obs(b.obs), self._obs(b.next_obs)
         action = (b.action.reshape(-1, self.act_dim) - self.center) / self.half  # env scale → [-1, 1]
-        pi_action, logp = self.actor.sample(obs)
         # This step's losses use the pre-step α; α's own gradient is taken with the actor's below.
         alpha = self.log_alpha.detach().exp() if auto else torch.tensor(float(c.ent_coef), device=self.device)
+        if self._passes is None:
+            stats = self._autograd_step(b, obs, next_obs, action, alpha, auto, actor_params)
+        else:
+            with torch.no_grad():
+                stats = self._manual_step(b, obs, next_obs, action, alpha, auto)
+        self.grad_steps += 1
+        if self.grad_steps % c.target_update_interval == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(self._target_params, self._critic_params, c.tau)
+        return stats
 
+    def _autograd_step(
+        self,
+        b: TensorSample,
+        obs: torch.Tensor,
+        next_obs: torch.Tensor,
+        action: torch.Tensor,
+        alpha: torch.Tensor,
+        auto: bool,
+        actor_params: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The step through autograd (any activation)."""
+        pi_action, logp = self.actor.sample(obs)
         # Critics: soft Bellman target from the target critics and a fresh next action.
         with torch.no_grad():
             next_action, next_logp = self.actor.sample(next_obs)
@@ -288,15 +339,10 @@ class SAC(ReplayLearner):
             target = b.reward + b.discount * b.not_done * next_q
         q = self.critic(obs, action)
         td = q - target
-        weighted = b.weights * td.pow(2) if c.prioritized else td.pow(2)
-        critic_loss = 0.5 * weighted.mean(1).sum()
+        critic_loss = self._critic_loss(td, b)
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
-        if c.max_grad_norm is not None:
-            clip_grad_norm(self._critic_params, c.max_grad_norm)
-        self.critic_opt.step()
-        if c.prioritized:
-            self.buffer.update_priorities(b.indices, td.detach().abs().mean(0).cpu().numpy())
+        self._critic_update(td, b)
 
         # Actor (maximise min-Q plus entropy) through the just-updated critics, and α. `inputs`
         # keeps the critics' weights out of this backward pass; the two losses share no parameters.
@@ -307,19 +353,94 @@ class SAC(ReplayLearner):
         self.actor_opt.zero_grad(set_to_none=True)
         self.alpha_opt.zero_grad(set_to_none=True)
         loss.backward(inputs=actor_params)
-        if c.max_grad_norm is not None:
-            clip_grad_norm(self._actor_params, c.max_grad_norm)
-        self.actor_opt.step()
-        if auto:
-            self.alpha_opt.step()
-
-        self.grad_steps += 1
-        if self.grad_steps % c.target_update_interval == 0:
-            with torch.no_grad():
-                torch._foreach_lerp_(self._target_params, self._critic_params, c.tau)
+        self._actor_update(auto)
         return torch.stack(
             [critic_loss.detach(), actor_loss.detach(), alpha, q.detach().mean(), -logp.detach().mean()]
         )
+
+    def _manual_step(
+        self,
+        b: TensorSample,
+        obs: torch.Tensor,
+        next_obs: torch.Tensor,
+        action: torch.Tensor,
+        alpha: torch.Tensor,
+        auto: bool,
+    ) -> torch.Tensor:
+        """The same step by the hand-written passes. Beyond the networks' own backward passes:
+        with ã = tanh u, u = μ + σ·ε and log π = Σ(−ε²/2 − log σ − log √(2π)) − Σ log(1 − ã²),
+        d log π / du = 2ã and d log π / d log σ = −1 (ε held fixed), so for the actor loss
+        L = mean_b(α·log π − min_i Q_i(s, ã)) over a batch of B:
+            dL/du      = dL/dã · (1 − ã²) + (α/B) · 2ã,   dL/dã from the critics' input gradient
+            dL/dμ      = dL/du
+            dL/dlog σ  = dL/du · σ·ε − α/B              (zero where log σ was clamped)"""
+        actor, critic, critic_target = self._passes or ()
+        batch, d = obs.shape[0], self.act_dim
+        # The actor's passes over s and s' share one forward pass; only s is back-propagated.
+        both_tape = Tape()
+        out = actor.forward(torch.cat([obs, next_obs]), both_tape)
+        actor_tape = both_tape.first_rows(batch)
+        mean, raw_log_std = out[:batch].split(d, dim=1)
+        log_std = raw_log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        pi_action, logp, std, noise = _squashed_parts(mean, log_std)
+
+        next_mean, next_log_std = out[batch:].split(d, dim=1)
+        next_action, next_logp = squashed_sample(next_mean, next_log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
+        next_q = critic_target.forward(self._critic_input(next_obs, next_action)).squeeze(-1)
+        target = b.reward + b.discount * b.not_done * (next_q.min(0).values - alpha * next_logp)
+
+        critic_tape = Tape()
+        q = critic.forward(self._critic_input(obs, action), critic_tape).squeeze(-1)
+        td = q - target
+        critic_loss = self._critic_loss(td, b)
+        grad_q = td * b.weights if self.config.prioritized else td.clone()  # d critic_loss / dQ_i
+        critic.backward(critic_tape, grad_q.div_(batch).unsqueeze(-1))
+        self._critic_update(td, b)
+
+        q_tape = Tape()
+        q_pi = critic.forward(self._critic_input(obs, pi_action), q_tape).squeeze(-1)
+        q_min, lower = q_pi.min(0)
+        actor_loss = (alpha * logp - q_min).mean()
+        grad_q_pi = torch.zeros_like(q_pi).scatter_(0, lower.unsqueeze(0), -1.0 / batch)
+        grad_input = critic.backward(q_tape, grad_q_pi.unsqueeze(-1), weights=False, inputs=True)
+        grad_pi = grad_input[..., self.obs_dim :].sum(0)
+        grad_u = grad_pi.mul_(1.0 - pi_action * pi_action).add_((2.0 / batch) * alpha * pi_action)
+        inside = (raw_log_std >= LOG_STD_MIN) & (raw_log_std <= LOG_STD_MAX)
+        grad_log_std = (grad_u * std * noise - alpha / batch) * inside
+        actor.backward(actor_tape, torch.cat([grad_u, grad_log_std], dim=1))
+        if auto:
+            self.log_alpha.grad.copy_(-(logp + self.target_entropy).mean())
+        self._actor_update(auto)
+        return torch.stack([critic_loss, actor_loss, alpha, q.mean(), -logp.mean()])
+
+    @staticmethod
+    def _critic_input(obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """TwinQ's input: [s, a] for each of its two members, (2, B, obs + act)."""
+        x = torch.cat([obs, action], dim=1)
+        return x.expand(2, *x.shape)
+
+    def _critic_loss(self, td: torch.Tensor, b: TensorSample) -> torch.Tensor:
+        """½ Σ_i mean_b(w · δ_i²)."""
+        squared = b.weights * td.pow(2) if self.config.prioritized else td.pow(2)
+        return 0.5 * squared.mean(1).sum()
+
+    def _critic_update(self, td: torch.Tensor, b: TensorSample) -> None:
+        """Clip, step the critics' Adam and refresh the sampled rows' priorities."""
+        c = self.config
+        if c.max_grad_norm is not None:
+            grads = self._critic_grads or [p.grad for p in self._critic_params if p.grad is not None]
+            clip_grads(grads, c.max_grad_norm)
+        adam_step(self.critic_opt)
+        if c.prioritized:
+            self.buffer.update_priorities(b.indices, td.detach().abs().mean(0).cpu().numpy())
+
+    def _actor_update(self, auto: bool) -> None:
+        if self.config.max_grad_norm is not None:
+            grads = self._actor_grads or [p.grad for p in self._actor_params if p.grad is not None]
+            clip_grads(grads, self.config.max_grad_norm)
+        adam_step(self.actor_opt)
+        if auto:
+            adam_step(self.alpha_opt)
 
     # ------------------------------------------------------------------------ export / state
     def policy(self) -> nn.Module:

@@ -130,6 +130,7 @@ class ReplayBuffer:
 
         # n-step windows, one per stream: the last < n steps not yet written.
         self._streams: dict[int, int] = {}
+        self._positional: dict[int, np.ndarray] = {}  # batch rows → slots of streams 0..rows-1
         self._w_obs = np.zeros((0, self.n_step, *self.obs_shape), self.obs_dtype)
         self._w_act = np.zeros((0, self.n_step, *self.action_shape), self.action_dtype)
         self._w_rew = np.zeros((0, self.n_step), np.float64)
@@ -221,15 +222,13 @@ class ReplayBuffer:
                 len(reward),
             )
         self._rows_seen = len(reward)
-        sid = (
-            np.arange(len(reward))
-            if streams is None
-            else np.asarray(streams).reshape(len(reward)).astype(np.int64)
-        )
-        slots = self._slots(sid)
         if streams is None:  # one row per stream: a single round (the per-env-step case, kept cheap)
+            slots = self._positional.get(len(reward))
+            if slots is None:
+                slots = self._positional[len(reward)] = self._slots(np.arange(len(reward)))
             self._add_round(slots, obs, action, reward, next_obs, term, trunc)
             return
+        slots = self._slots(np.asarray(streams).reshape(len(reward)).astype(np.int64))
         # Rows of the same stream must be applied in order: split into rounds of distinct streams.
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
@@ -502,6 +501,7 @@ class ReplayBuffer:
         w_obs = state.get("w_obs")
         if self.n_step > 1 and w_obs is not None and tuple(w_obs.shape[1:]) == self._w_obs.shape[1:]:
             self._streams = {int(k): int(v) for k, v in state["streams"]}
+            self._positional = {}
             self._w_obs = state["w_obs"].numpy().astype(self.obs_dtype)
             self._w_act = state["w_act"].numpy().astype(self.action_dtype)
             self._w_rew = state["w_rew"].numpy().astype(np.float64)

@@ -1,0 +1,174 @@
+"""Forward and backward passes of the replay learners' MLPs, written out by hand.
+
+DQN and SAC train small networks on small batches, where a CPU spends more time on per-op cost
+than on arithmetic: autograd records a graph and replays it op by op, and each matrix product of a
+256-wide layer costs 160 µs in float32. These passes do the same arithmetic as autograd (the tests
+compare the two) with fewer ops: they keep only what the backward pass needs and write each
+gradient straight into its parameter's `.grad`.
+
+They can also run the hidden-to-hidden products (every layer but the first and the last) in
+bfloat16, which CPUs with AMX multiply about 4× faster. Weights, biases, activations, gradients and
+optimizer state stay float32; only the product's inputs are rounded, as in mixed-precision
+training. The first layer (raw inputs) and the output layer (Q-values, action means) stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+Precision = Literal["auto", "float32", "bfloat16"]
+ACTIVATIONS = (nn.ReLU, nn.Tanh)
+# Smaller batches (acting on a few observations) multiply in float32: there the casts cost more
+# than the faster product saves.
+LOW_PRECISION_ROWS = 32
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 products are faster than float32 ones here: a CPU with AMX tiles."""
+    if device.type != "cpu":
+        return False
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def matmul_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    """The dtype of the hidden-to-hidden products for a `precision` setting ('auto': bfloat16
+    where it is native, float32 elsewhere)."""
+    if precision == "bfloat16" or (precision == "auto" and has_native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class Tape:
+    """What one forward pass keeps for its backward pass: each layer's input (and, for a
+    reduced-precision layer, the rounded input and weight it multiplied)."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    low: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def first_rows(self, rows: int) -> Tape:
+        """The tape of the first `rows` rows of the batch alone (a forward pass over two batches
+        at once, of which only the first is back-propagated)."""
+        return Tape(
+            [x[..., :rows, :] for x in self.inputs],
+            {i: (x[..., :rows, :], w) for i, (x, w) in self.low.items()},
+        )
+
+
+class MlpPasses:
+    """Hand-written passes of an `nn.Sequential` of linear layers with one activation (ReLU or
+    tanh) between them. Layers are `nn.Linear` (weight (out, in)) or ensemble layers of E members
+    (weight (E, in, out), bias (E, 1, out), inputs (E, B, in)), as `tether.algos.sac.TwinQ` uses.
+
+    The passes hold detached aliases of the parameters (same storage), so optimizer steps, target
+    updates and `load_state_dict`, which all write in place, take effect; build them after the
+    module has moved to its device."""
+
+    def __init__(self, net: nn.Sequential, dtype: torch.dtype = torch.float32) -> None:
+        if not self.supports(net):
+            raise ValueError("MlpPasses needs linear layers with ReLU or tanh between them")
+        layers = list(net)[0::2]
+        self.relu = not any(isinstance(m, nn.Tanh) for m in net)
+        self.ensemble = layers[0].weight.dim() == 3
+        self.params: list[nn.Parameter] = [p for m in layers for p in (m.weight, m.bias)]
+        self.weights = [m.weight.detach() for m in layers]
+        self.biases = [m.bias.detach() for m in layers]
+        last = len(layers) - 1
+        self.low = [dtype != torch.float32 and 0 < i < last for i in range(len(layers))]
+        self.dtype = dtype
+        self.flat_grad: torch.Tensor | None = None
+
+    @staticmethod
+    def supports(net: nn.Module) -> bool:
+        """True for alternating linear / activation layers with one activation kind, ReLU or tanh."""
+        if not isinstance(net, nn.Sequential) or len(net) % 2 != 1:
+            return False
+        acts = {type(m) for m in list(net)[1::2]}
+        linear = all(
+            isinstance(getattr(m, "weight", None), nn.Parameter)
+            and isinstance(getattr(m, "bias", None), nn.Parameter)
+            and m.weight.dim() in (2, 3)
+            for m in list(net)[0::2]
+        )
+        return linear and len(acts) <= 1 and acts <= set(ACTIVATIONS)
+
+    def allocate_grads(self) -> list[torch.Tensor]:
+        """Give every parameter a `.grad` that `backward` overwrites (no zeroing needed), all views
+        of one flat tensor so that a gradient norm is one op; returns `[flat_grad]`."""
+        sizes = [p.numel() for p in self.params]
+        self.flat_grad = torch.zeros(sum(sizes), dtype=self.params[0].dtype, device=self.params[0].device)
+        for p, g in zip(self.params, self.flat_grad.split(sizes), strict=True):
+            p.grad = g.view_as(p)
+        return [self.flat_grad]
+
+    # ------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        """The network's output for `x`; with a `tape`, record what `backward` needs."""
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            if tape is not None:
+                tape.inputs.append(x)
+            if self.low[i] and x.shape[-2] >= LOW_PRECISION_ROWS:
+                # Cast on every call: fused optimizer kernels write weights without bumping their
+                # version counter, so a cached cast could not tell that it went stale.
+                x_low, w_low = x.to(self.dtype), w.to(self.dtype)
+                if tape is not None:
+                    tape.low[i] = (x_low, w_low)
+                product = torch.bmm(x_low, w_low) if self.ensemble else torch.mm(x_low, w_low.t())
+                x = product.float().add_(b)
+            elif self.ensemble:
+                x = torch.baddbmm(b, x, w)
+            else:
+                x = torch.addmm(b, x, w.t())
+            if i < last:
+                x = x.relu_() if self.relu else x.tanh_()
+        return x
+
+    # ------------------------------------------------------------------------ backward
+    def backward(
+        self, tape: Tape, grad_out: torch.Tensor, weights: bool = True, inputs: bool = False
+    ) -> torch.Tensor | None:
+        """Back-propagate `grad_out` (d loss / d output) through the taped pass. `weights`: write
+        d loss / d parameter into each `.grad` (overwriting it); `inputs`: return d loss / d input.
+        """
+        grad = grad_out
+        for i in range(len(self.weights) - 1, -1, -1):
+            x, w_grad = tape.inputs[i], self.params[2 * i].grad
+            if i in tape.low:
+                (x_low, w_low), g_low = tape.low[i], grad.to(self.dtype)
+                if weights:
+                    w_grad.copy_(
+                        torch.bmm(x_low.transpose(1, 2), g_low)
+                        if self.ensemble
+                        else torch.mm(g_low.t(), x_low)
+                    )
+                    self._bias_grad(i, grad)
+                grad = (
+                    torch.bmm(g_low, w_low.transpose(1, 2)) if self.ensemble else torch.mm(g_low, w_low)
+                ).float()
+            else:
+                if weights:
+                    if self.ensemble:
+                        torch.bmm(x.transpose(1, 2), grad, out=w_grad)
+                    else:
+                        torch.mm(grad.t(), x, out=w_grad)
+                    self._bias_grad(i, grad)
+                if i == 0 and not inputs:
+                    return None
+                w = self.weights[i]
+                grad = torch.bmm(grad, w.transpose(1, 2)) if self.ensemble else torch.mm(grad, w)
+            if i > 0:  # through the activation that produced this layer's input
+                grad = torch.ops.aten.threshold_backward(grad, x, 0) if self.relu else grad.mul_(1.0 - x * x)
+        return grad
+
+    def _bias_grad(self, i: int, grad: torch.Tensor) -> None:
+        out = self.params[2 * i + 1].grad
+        if self.ensemble:
+            torch.sum(grad, 1, keepdim=True, out=out)
+        else:
+            torch.sum(grad, 0, out=out)
