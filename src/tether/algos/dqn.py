@@ -38,6 +38,8 @@ from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
 from tether.nets import ACTIVATIONS, mlp
 
+TARGET_CHUNK_ROWS = 4096  # rows per target-network pass over a block (see DQN._distinct_rows)
+
 
 class Config(BaseModel):
     """The `training` section for DQN. Step counts are in transitions observed unless noted."""
@@ -175,6 +177,9 @@ class DQN(ReplayLearner):
         dtype = matmul_dtype(c.precision, self.device)
         self._passes = MlpPasses(self.q.q, dtype) if manual else None
         self._target_passes = MlpPasses(self.q_target.q, dtype) if manual else None
+        # Acting on a Box observation on the CPU runs the network in numpy (see forward_numpy).
+        numpy_acting = self.device.type == "cpu" and not self.q.encoder.discrete
+        self._numpy_acting = self._passes if numpy_acting else None
         # The gradients the clip sees: one flat tensor behind every .grad with the manual passes.
         self._grads = self._passes.allocate_grads() if self._passes is not None else None
         self._init_replay("dqn", observation_space, action_space, seed, total_steps, priority_eps=c.per_eps)
@@ -194,8 +199,11 @@ class DQN(ReplayLearner):
         random = self.rng.random(n) < self.epsilon if explore else np.zeros(n, bool)
         if random.all():  # skip the network entirely while exploring at ε = 1
             return ActOut(self.rng.integers(0, self.n_actions, n))
-        with torch.no_grad():
-            actions = self._q_values(self._tensor(obs)).argmax(1).cpu().numpy()
+        if self._numpy_acting is not None:
+            actions = self._numpy_acting.forward_numpy(obs.reshape(n, -1)).argmax(1)
+        else:
+            with torch.no_grad():
+                actions = self._q_values(self._tensor(obs)).argmax(1).cpu().numpy()
         if random.any():
             actions[random] = self.rng.integers(0, self.n_actions, int(random.sum()))
         return ActOut(actions)
@@ -313,11 +321,16 @@ class DQN(ReplayLearner):
         net: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor, indices: np.ndarray
     ) -> torch.Tensor:
         """net(obs) evaluated once per distinct buffer row: a block of many batches drawn with
-        replacement repeats rows often (every row, several times, while the buffer is small)."""
+        replacement repeats rows often (every row, several times, while the buffer is small). The
+        rows go through in chunks whose activations stay in the CPU's cache (a third faster than
+        one pass over tens of thousands of rows)."""
         if len(indices) <= 1:
             return net(obs)
         _, first, inverse = np.unique(indices, return_index=True, return_inverse=True)
-        return net(obs[torch.from_numpy(first)])[torch.from_numpy(inverse)]
+        distinct = obs[torch.from_numpy(first)]
+        return torch.cat([net(chunk) for chunk in distinct.split(TARGET_CHUNK_ROWS)])[
+            torch.from_numpy(inverse)
+        ]
 
     @torch.no_grad()
     def _update_target(self, tau: float) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +26,9 @@ ACTIVATIONS = (nn.ReLU, nn.Tanh)
 # Smaller batches (acting on a few observations) multiply in float32: there the casts cost more
 # than the faster product saves.
 LOW_PRECISION_ROWS = 32
+# A plain layer with at most this many outputs (or, for its weight gradient, inputs) multiplies in
+# the transposed order, which the CPU's matrix library runs several times faster for such shapes.
+NARROW = 16
 
 
 def has_native_bf16(device: torch.device) -> bool:
@@ -82,6 +86,7 @@ class MlpPasses:
         self.low = [dtype != torch.float32 and 0 < i < last for i in range(len(layers))]
         self.dtype = dtype
         self.flat_grad: torch.Tensor | None = None
+        self._numpy: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @staticmethod
     def supports(net: nn.Module) -> bool:
@@ -123,11 +128,30 @@ class MlpPasses:
                 x = product.float().add_(b)
             elif self.ensemble:
                 x = torch.baddbmm(b, x, w)
+            elif w.shape[0] <= NARROW:  # a few outputs: (W xᵀ)ᵀ is several times faster than x Wᵀ
+                x = torch.addmm(b.unsqueeze(1), w, x.t()).t()
             else:
                 x = torch.addmm(b, x, w.t())
             if i < last:
                 x = x.relu_() if self.relu else x.tanh_()
         return x
+
+    def forward_numpy(self, x: np.ndarray) -> np.ndarray:
+        """The float32 forward pass in numpy, for acting on a few rows of a CPU network: numpy's
+        per-op cost is a fraction of torch's, and acting is one small pass per env step. The
+        weights are numpy views of the parameters, so every update shows at once."""
+        if self._numpy is None:
+            if self.ensemble or self.weights[0].device.type != "cpu":
+                raise ValueError("forward_numpy is for plain linear layers on the CPU")
+            self._numpy = [(w.numpy().T, b.numpy()) for w, b in zip(self.weights, self.biases, strict=True)]
+        h = np.asarray(x, dtype=np.float32)
+        last = len(self._numpy) - 1
+        for i, (w_t, b) in enumerate(self._numpy):
+            h = h @ w_t
+            h += b
+            if i < last:
+                h = np.maximum(h, 0.0, out=h) if self.relu else np.tanh(h, out=h)
+        return h
 
     # ------------------------------------------------------------------------ backward
     def backward(
@@ -155,6 +179,8 @@ class MlpPasses:
                 if weights:
                     if self.ensemble:
                         torch.bmm(x.transpose(1, 2), grad, out=w_grad)
+                    elif x.shape[1] <= NARROW:  # a few inputs: likewise (xᵀ grad)ᵀ
+                        w_grad.copy_(torch.mm(x.t(), grad).t())
                     else:
                         torch.mm(grad.t(), x, out=w_grad)
                     self._bias_grad(i, grad)

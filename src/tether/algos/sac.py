@@ -149,7 +149,8 @@ def _squashed_parts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`squashed_sample` plus the std and the standard-normal noise its gradient needs."""
     std = log_std.exp()
-    noise = torch.randn_like(mean)
+    # randn over the shape, not randn_like: the same draws whatever the memory layout of `mean`.
+    noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
     u = mean + std * noise
     log_normal = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(1)
     log_det = (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(1)
