@@ -238,9 +238,8 @@ class DQN(ReplayLearner):
                     )
                     if not c.double_q:
                         targets = block.reward + block.discount * block.not_done * next_q_target.max(1).values
-                for i in range(span):
+                for i, b in enumerate(block.split(c.batch_size)):
                     rows = slice(i * c.batch_size, (i + 1) * c.batch_size)
-                    b = block.rows(rows.start, rows.stop)
                     if c.double_q:
                         with torch.no_grad():
                             best = self._q_values(b.next_obs).argmax(1, keepdim=True)

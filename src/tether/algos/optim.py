@@ -44,6 +44,10 @@ def clip_grads(grads: list[torch.Tensor], max_norm: float) -> None:
         norm = torch.linalg.vector_norm(grads[0])
     else:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    # Below the limit the scale is exactly 1: on the CPU, where reading the norm costs nothing,
+    # skip the multiply (on a GPU the read would wait for the device).
+    if norm.device.type == "cpu" and float(norm) + 1e-6 <= max_norm:
+        return
     scale = torch.clamp_max_(max_norm / (norm + 1e-6), 1.0)
     torch._foreach_mul_(grads, scale)
 

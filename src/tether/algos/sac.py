@@ -145,12 +145,13 @@ def squashed_sample(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Te
 
 
 def _squashed_parts(
-    mean: torch.Tensor, log_std: torch.Tensor
+    mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`squashed_sample` plus the std and the standard-normal noise its gradient needs."""
+    """`squashed_sample` plus the std and the standard-normal noise its gradient needs (drawn
+    here unless given)."""
     std = log_std.exp()
-    # randn over the shape, not randn_like: the same draws whatever the memory layout of `mean`.
-    noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+    if noise is None:  # over the shape, not randn_like: the same draws whatever the layout of `mean`
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
     u = mean + std * noise
     log_normal = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(1)
     log_det = (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(1)
@@ -377,16 +378,18 @@ class SAC(ReplayLearner):
             dL/dlog σ  = dL/du · σ·ε − α/B              (zero where log σ was clamped)"""
         actor, critic, critic_target = self._passes or ()
         batch, d = obs.shape[0], self.act_dim
-        # The actor's passes over s and s' share one forward pass; only s is back-propagated.
+        # The actor's passes over s and s' share one forward pass and one sampling (with the
+        # draws autograd's step makes, s' after s); only s is back-propagated.
         both_tape = Tape()
-        out = actor.forward(torch.cat([obs, next_obs]), both_tape)
+        raw_mean, raw_log_std = actor.forward(torch.cat([obs, next_obs]), both_tape).split(d, dim=1)
         actor_tape = both_tape.first_rows(batch)
-        mean, raw_log_std = out[:batch].split(d, dim=1)
-        log_std = raw_log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-        pi_action, logp, std, noise = _squashed_parts(mean, log_std)
-
-        next_mean, next_log_std = out[batch:].split(d, dim=1)
-        next_action, next_logp = squashed_sample(next_mean, next_log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
+        draws = torch.cat(
+            [torch.randn(batch, d, device=obs.device), torch.randn(batch, d, device=obs.device)]
+        )
+        both = _squashed_parts(raw_mean, raw_log_std.clamp(LOG_STD_MIN, LOG_STD_MAX), draws)
+        pi_action, logp, std, noise = (x[:batch] for x in both)
+        next_action, next_logp = both[0][batch:], both[1][batch:]
+        raw_log_std = raw_log_std[:batch]
         next_q = critic_target.forward(self._critic_input(next_obs, next_action)).squeeze(-1)
         target = b.reward + b.discount * b.not_done * (next_q.min(0).values - alpha * next_logp)
 

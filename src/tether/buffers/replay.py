@@ -67,18 +67,20 @@ class TensorSample:
     weights: torch.Tensor
     indices: np.ndarray
 
-    def rows(self, start: int, stop: int) -> TensorSample:
-        s = slice(start, stop)
-        return TensorSample(
-            self.obs[s],
-            self.action[s],
-            self.reward[s],
-            self.next_obs[s],
-            self.not_done[s],
-            self.discount[s],
-            self.weights[s],
-            self.indices[s],
+    def split(self, size: int) -> list[TensorSample]:
+        """Consecutive batches of `size` rows (views): one split per field for a whole block."""
+        fields = (
+            self.obs,
+            self.action,
+            self.reward,
+            self.next_obs,
+            self.not_done,
+            self.discount,
+            self.weights,
         )
+        parts = [x.split(size) for x in fields]
+        indices = [self.indices[i : i + size] for i in range(0, len(self.indices), size)]
+        return [TensorSample(*row, idx) for *row, idx in zip(*parts, indices, strict=True)]
 
 
 class ReplayBuffer:
@@ -226,7 +228,10 @@ class ReplayBuffer:
             slots = self._positional.get(len(reward))
             if slots is None:
                 slots = self._positional[len(reward)] = self._slots(np.arange(len(reward)))
-            self._add_round(slots, obs, action, reward, next_obs, term, trunc)
+            if len(slots) == 1:
+                self._add_one(int(slots[0]), obs, action, reward, next_obs, term, trunc)
+            else:
+                self._add_round(slots, obs, action, reward, next_obs, term, trunc)
             return
         slots = self._slots(np.asarray(streams).reshape(len(reward)).astype(np.int64))
         # Rows of the same stream must be applied in order: split into rounds of distinct streams.
@@ -266,14 +271,17 @@ class ReplayBuffer:
         next_obs: np.ndarray,
         term: np.ndarray,
         trunc: np.ndarray,
+        appended: bool = False,
     ) -> None:
-        """One step for distinct streams `s`: append to their windows, write what is complete."""
+        """One step for distinct streams `s`: append to their windows (unless `appended` already),
+        write what is complete."""
         n = self.n_step
-        pos = self._w_len[s]
-        self._w_obs[s, pos] = obs
-        self._w_act[s, pos] = action
-        self._w_rew[s, pos] = reward
-        self._w_len[s] += 1
+        if not appended:
+            pos = self._w_len[s]
+            self._w_obs[s, pos] = obs
+            self._w_act[s, pos] = action
+            self._w_rew[s, pos] = reward
+            self._w_len[s] += 1
         done = term | trunc
         full = ~done & (self._w_len[s] == n)
         if full.any():
@@ -303,6 +311,36 @@ class ReplayBuffer:
                 disc,
             )
             self._w_len[w] = 0
+
+    def _add_one(
+        self,
+        w: int,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        next_obs: np.ndarray,
+        term: np.ndarray,
+        trunc: np.ndarray,
+    ) -> None:
+        """`_add_round` for one row of one stream (window `w`), with scalar indexing: the one-env
+        case, where fancy indexing would cost more than the step itself."""
+        n, k = self.n_step, int(self._w_len[w])
+        self._w_obs[w, k], self._w_act[w, k], self._w_rew[w, k] = obs[0], action[0], reward[0]
+        k += 1
+        if term[0] or trunc[0]:  # the episode ended: every suffix of the window is written
+            self._w_len[w] = k
+            self._add_round(np.array([w]), obs, action, reward, next_obs, term, trunc, appended=True)
+            return
+        if k == n:
+            g = self._w_rew[w] @ self._powers[:n]
+            self._write(
+                self._w_obs[w, :1], self._w_act[w, :1], np.array([g]), next_obs, term, trunc, self._powers[n:]
+            )
+            self._w_obs[w, :-1] = self._w_obs[w, 1:]
+            self._w_act[w, :-1] = self._w_act[w, 1:]
+            self._w_rew[w, :-1] = self._w_rew[w, 1:]
+            k -= 1
+        self._w_len[w] = k
 
     def _write(
         self,
@@ -376,12 +414,10 @@ class ReplayBuffer:
                 yield self._tensors(self.sample(batch_size), device)
             return
         if count > 0:
-            big = self.sample_block(batch_size, count, device)
-            for i in range(count):
-                yield big.rows(i * batch_size, (i + 1) * batch_size)
+            yield from self.sample_block(batch_size, count, device).split(batch_size)
 
     def sample_block(self, batch_size: int, count: int, device: torch.device) -> TensorSample:
-        """`count` batches drawn at once as one sample; batch i is `rows(i·batch_size, (i+1)·batch_size)`.
+        """`count` batches drawn at once as one sample (`split(batch_size)` gives them back).
         Importance weights are normalised over the whole block, so prioritized callers take count = 1."""
         return self._tensors(self.sample(batch_size * count), device)
 
