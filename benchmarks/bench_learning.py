@@ -151,7 +151,9 @@ def main() -> None:
             target=200,
         )
     elif args.case == "lunarlander-dqn-vs-sb3":
-        ours = train_and_eval("lunarlander-dqn", [threads, "training.double_q=false"], args.episodes)
+        # The zoo's values on both sides: SB3's DQN has neither Double DQN nor (here) n-step returns.
+        zoo = ["training.double_q=false", "training.n_step=1"]
+        ours = train_and_eval("lunarlander-dqn", [threads, *zoo], args.episodes)
         report("Tether DQN LunarLander-v3 (100k)", *ours, target=150)
         peer = sb3_dqn_lunarlander(100_000, args.episodes)
         print(f"{'SB3 DQN LunarLander-v3 (100k)':<34} mean return {peer:8.1f}")

@@ -307,32 +307,31 @@ class SAC(ReplayLearner):
     def _gradient_step(self, b: TensorSample, auto: bool, actor_params: list[torch.Tensor]) -> torch.Tensor:
         """One SAC step (the module docstring's update); returns its statistics for the metrics."""
         c = self.config
-        obs, next_obs = self._obs(b.obs), self._obs(b.next_obs)
-        action = (b.action.reshape(-1, self.act_dim) - self.center) / self.half  # env scale → [-1, 1]
-        # This step's losses use the pre-step α; α's own gradient is taken with the actor's below.
-        alpha = self.log_alpha.detach().exp() if auto else torch.tensor(float(c.ent_coef), device=self.device)
         if self._passes is None:
-            stats = self._autograd_step(b, obs, next_obs, action, alpha, auto, actor_params)
+            stats = self._autograd_step(b, auto, actor_params)
         else:
             with torch.no_grad():
-                stats = self._manual_step(b, obs, next_obs, action, alpha, auto)
+                stats = self._manual_step(b, auto)
         self.grad_steps += 1
         if self.grad_steps % c.target_update_interval == 0:
             with torch.no_grad():
                 torch._foreach_lerp_(self._target_params, self._critic_params, c.tau)
         return stats
 
-    def _autograd_step(
-        self,
-        b: TensorSample,
-        obs: torch.Tensor,
-        next_obs: torch.Tensor,
-        action: torch.Tensor,
-        alpha: torch.Tensor,
-        auto: bool,
-        actor_params: list[torch.Tensor],
-    ) -> torch.Tensor:
+    def _step_inputs(
+        self, b: TensorSample, auto: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """s and s' as the networks take them, a in [-1, 1], and this step's α."""
+        obs, next_obs = self._obs(b.obs), self._obs(b.next_obs)
+        action = (b.action.reshape(-1, self.act_dim) - self.center) / self.half  # env scale → [-1, 1]
+        # This step's losses use the pre-step α; α's own gradient is taken with the actor's.
+        ent_coef = self.config.ent_coef
+        alpha = self.log_alpha.detach().exp() if auto else torch.tensor(float(ent_coef), device=self.device)
+        return obs, next_obs, action, alpha
+
+    def _autograd_step(self, b: TensorSample, auto: bool, actor_params: list[torch.Tensor]) -> torch.Tensor:
         """The step through autograd (any activation)."""
+        obs, next_obs, action, alpha = self._step_inputs(b, auto)
         pi_action, logp = self.actor.sample(obs)
         # Critics: soft Bellman target from the target critics and a fresh next action.
         with torch.no_grad():
@@ -360,15 +359,7 @@ class SAC(ReplayLearner):
             [critic_loss.detach(), actor_loss.detach(), alpha, q.detach().mean(), -logp.detach().mean()]
         )
 
-    def _manual_step(
-        self,
-        b: TensorSample,
-        obs: torch.Tensor,
-        next_obs: torch.Tensor,
-        action: torch.Tensor,
-        alpha: torch.Tensor,
-        auto: bool,
-    ) -> torch.Tensor:
+    def _manual_step(self, b: TensorSample, auto: bool) -> torch.Tensor:
         """The same step by the hand-written passes. Beyond the networks' own backward passes:
         with ã = tanh u, u = μ + σ·ε and log π = Σ(−ε²/2 − log σ − log √(2π)) − Σ log(1 − ã²),
         d log π / du = 2ã and d log π / d log σ = −1 (ε held fixed), so for the actor loss
@@ -377,6 +368,7 @@ class SAC(ReplayLearner):
             dL/dμ      = dL/du
             dL/dlog σ  = dL/du · σ·ε − α/B              (zero where log σ was clamped)"""
         actor, critic, critic_target = self._passes or ()
+        obs, next_obs, action, alpha = self._step_inputs(b, auto)
         batch, d = obs.shape[0], self.act_dim
         # The actor's passes over s and s' share one forward pass and one sampling (with the
         # draws autograd's step makes, s' after s); only s is back-propagated.
