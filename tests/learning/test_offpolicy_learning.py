@@ -26,17 +26,10 @@ def _train(preset: str, tmp_path, *overrides: str):
 
 
 # `precision=auto` multiplies the hidden layers in bfloat16 on a CPU with AMX (float32 elsewhere).
-# CartPole's greedy score after 50k steps spreads across seeds in either precision (measured,
-# 20 episodes, seeds 0-3: float32 ≥ 475, 500, 500, 461.3; bfloat16 468.4, 500, 500, 492.8), so
-# each precision runs on a seed where the preset is known to clear the bar.
-@pytest.mark.parametrize(("precision", "seed"), [("float32", 0), ("auto", 1)])
-def test_dqn_solves_cartpole_within_50k_steps(tmp_path, precision: str, seed: int) -> None:
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_dqn_solves_cartpole_within_50k_steps(tmp_path, precision: str) -> None:
     config, trainer = _train(
-        "cartpole-dqn",
-        tmp_path,
-        "schedule.total_steps=50000",
-        f"training.precision={precision}",
-        f"seed={seed}",
+        "cartpole-dqn", tmp_path, "schedule.total_steps=50000", f"training.precision={precision}"
     )
     score = evaluate(trainer.learner, config, episodes=20)
     assert score.mean_return >= 475, score
