@@ -31,7 +31,7 @@ from torch import nn
 
 from tether.algos.base import ActOut, Transitions
 from tether.algos.offpolicy import ReplayLearner, linear_schedule
-from tether.algos.optim import adam, adam_step, clip_grads, flush_denormals
+from tether.algos.optim import adam, adam_step, clip_grad_norm, flush_denormals
 from tether.algos.passes import MlpPasses, Precision, Tape, matmul_dtype
 from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
@@ -304,7 +304,7 @@ class DQN(ReplayLearner):
                 grad_q = torch.zeros_like(q_all).scatter_(1, action, grad.div_(len(q)).unsqueeze(1))
                 self._passes.backward(tape, grad_q)
         if c.max_grad_norm is not None:
-            clip_grads(self._grads or [p.grad for p in self._params if p.grad is not None], c.max_grad_norm)
+            clip_grad_norm(self._params, c.max_grad_norm, self._grads)
         adam_step(self.optimizer)
         td, q = td.detach(), q.detach()
         if c.prioritized:

@@ -30,10 +30,13 @@ def flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
+def clip_grad_norm(
+    params: list[torch.Tensor], max_norm: float, flat: list[torch.Tensor] | None = None
+) -> None:
     """`torch.nn.utils.clip_grad_norm_(params, max_norm)` (same arithmetic) without its per-call
-    grouping of tensors by device and dtype, which costs more than the three ops for a small net."""
-    clip_grads([p.grad for p in params if p.grad is not None], max_norm)
+    grouping of tensors by device and dtype, which costs more than the three ops for a small net.
+    `flat`: the one tensor behind every `.grad`, where there is one (`MlpPasses.allocate_grads`)."""
+    clip_grads(flat or [p.grad for p in params if p.grad is not None], max_norm)
 
 
 def clip_grads(grads: list[torch.Tensor], max_norm: float) -> None:

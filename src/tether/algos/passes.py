@@ -85,7 +85,6 @@ class MlpPasses:
         last = len(layers) - 1
         self.low = [dtype != torch.float32 and 0 < i < last for i in range(len(layers))]
         self.dtype = dtype
-        self.flat_grad: torch.Tensor | None = None
         self._numpy: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @staticmethod
@@ -104,12 +103,12 @@ class MlpPasses:
 
     def allocate_grads(self) -> list[torch.Tensor]:
         """Give every parameter a `.grad` that `backward` overwrites (no zeroing needed), all views
-        of one flat tensor so that a gradient norm is one op; returns `[flat_grad]`."""
+        of one flat tensor so that a gradient norm is one op; returns `[that tensor]`."""
         sizes = [p.numel() for p in self.params]
-        self.flat_grad = torch.zeros(sum(sizes), dtype=self.params[0].dtype, device=self.params[0].device)
-        for p, g in zip(self.params, self.flat_grad.split(sizes), strict=True):
+        flat = torch.zeros(sum(sizes), dtype=self.params[0].dtype, device=self.params[0].device)
+        for p, g in zip(self.params, flat.split(sizes), strict=True):
             p.grad = g.view_as(p)
-        return [self.flat_grad]
+        return [flat]
 
     # ------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:

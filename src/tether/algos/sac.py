@@ -32,7 +32,7 @@ from torch import nn
 
 from tether.algos.base import ActOut, Transitions
 from tether.algos.offpolicy import ReplayLearner
-from tether.algos.optim import adam, adam_step, clip_grads, flush_denormals
+from tether.algos.optim import adam, adam_step, clip_grad_norm, flush_denormals
 from tether.algos.passes import MlpPasses, Precision, Tape, matmul_dtype
 from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
@@ -127,7 +127,11 @@ class Actor(nn.Module):
         self.act_dim = act_dim
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.net(obs).split(self.act_dim, dim=1)
+        return self.head(self.net(obs))
+
+    def head(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's output as (mean, log σ clamped to its range)."""
+        mean, log_std = out.split(self.act_dim, dim=1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,11 +256,8 @@ class SAC(ReplayLearner):
             return ActOut(action.reshape(n, *self.act_shape))
         with torch.no_grad():
             x = self._obs(obs)
-            if self._passes is None:
-                mean, log_std = self.actor(x)
-            else:
-                mean, raw_log_std = self._passes[0].forward(x).split(self.act_dim, dim=1)
-                log_std = raw_log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+            out = self.actor.net(x) if self._passes is None else self._passes[0].forward(x)
+            mean, log_std = self.actor.head(out)
             if explore:
                 u = mean + log_std.exp() * torch.randn(
                     mean.shape, generator=self.generator, device=self.device
@@ -424,16 +425,14 @@ class SAC(ReplayLearner):
         """Clip, step the critics' Adam and refresh the sampled rows' priorities."""
         c = self.config
         if c.max_grad_norm is not None:
-            grads = self._critic_grads or [p.grad for p in self._critic_params if p.grad is not None]
-            clip_grads(grads, c.max_grad_norm)
+            clip_grad_norm(self._critic_params, c.max_grad_norm, self._critic_grads)
         adam_step(self.critic_opt)
         if c.prioritized:
             self.buffer.update_priorities(b.indices, td.detach().abs().mean(0).cpu().numpy())
 
     def _actor_update(self, auto: bool) -> None:
         if self.config.max_grad_norm is not None:
-            grads = self._actor_grads or [p.grad for p in self._actor_params if p.grad is not None]
-            clip_grads(grads, self.config.max_grad_norm)
+            clip_grad_norm(self._actor_params, self.config.max_grad_norm, self._actor_grads)
         adam_step(self.actor_opt)
         if auto:
             adam_step(self.alpha_opt)

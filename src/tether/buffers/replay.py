@@ -271,17 +271,14 @@ class ReplayBuffer:
         next_obs: np.ndarray,
         term: np.ndarray,
         trunc: np.ndarray,
-        appended: bool = False,
     ) -> None:
-        """One step for distinct streams `s`: append to their windows (unless `appended` already),
-        write what is complete."""
+        """One step for distinct streams `s`: append to their windows, write what is complete."""
         n = self.n_step
-        if not appended:
-            pos = self._w_len[s]
-            self._w_obs[s, pos] = obs
-            self._w_act[s, pos] = action
-            self._w_rew[s, pos] = reward
-            self._w_len[s] += 1
+        pos = self._w_len[s]
+        self._w_obs[s, pos] = obs
+        self._w_act[s, pos] = action
+        self._w_rew[s, pos] = reward
+        self._w_len[s] += 1
         done = term | trunc
         full = ~done & (self._w_len[s] == n)
         if full.any():
@@ -291,26 +288,9 @@ class ReplayBuffer:
             self._write(
                 self._w_obs[f, 0], self._w_act[f, 0], g, next_obs[full], term[full], trunc[full], disc
             )
-            self._w_obs[f, :-1] = self._w_obs[f, 1:]
-            self._w_act[f, :-1] = self._w_act[f, 1:]
-            self._w_rew[f, :-1] = self._w_rew[f, 1:]
-            self._w_len[f] -= 1
-        for i in np.flatnonzero(done):  # an episode ended: every suffix of the window is written
-            w, k = s[i], int(self._w_len[s[i]])
-            rew = self._w_rew[w, :k]
-            g = np.array([rew[j:] @ self._powers[: k - j] for j in range(k)])
-            disc = self._powers[k - np.arange(k)]
-            rep = np.repeat(next_obs[i : i + 1], k, axis=0)
-            self._write(
-                self._w_obs[w, :k],
-                self._w_act[w, :k],
-                g,
-                rep,
-                np.repeat(term[i], k),
-                np.repeat(trunc[i], k),
-                disc,
-            )
-            self._w_len[w] = 0
+            self._drop_oldest(f)
+        for i in np.flatnonzero(done):
+            self._end_episode(int(s[i]), next_obs[i : i + 1], bool(term[i]), bool(trunc[i]))
 
     def _add_one(
         self,
@@ -326,21 +306,40 @@ class ReplayBuffer:
         case, where fancy indexing would cost more than the step itself."""
         n, k = self.n_step, int(self._w_len[w])
         self._w_obs[w, k], self._w_act[w, k], self._w_rew[w, k] = obs[0], action[0], reward[0]
-        k += 1
-        if term[0] or trunc[0]:  # the episode ended: every suffix of the window is written
-            self._w_len[w] = k
-            self._add_round(np.array([w]), obs, action, reward, next_obs, term, trunc, appended=True)
-            return
-        if k == n:
+        self._w_len[w] = k + 1
+        if term[0] or trunc[0]:
+            self._end_episode(w, next_obs, bool(term[0]), bool(trunc[0]))
+        elif k + 1 == n:
             g = self._w_rew[w] @ self._powers[:n]
             self._write(
                 self._w_obs[w, :1], self._w_act[w, :1], np.array([g]), next_obs, term, trunc, self._powers[n:]
             )
-            self._w_obs[w, :-1] = self._w_obs[w, 1:]
-            self._w_act[w, :-1] = self._w_act[w, 1:]
-            self._w_rew[w, :-1] = self._w_rew[w, 1:]
-            k -= 1
-        self._w_len[w] = k
+            self._drop_oldest(w)
+
+    def _drop_oldest(self, windows: int | np.ndarray) -> None:
+        """Shift full windows by one step once their oldest step is written."""
+        self._w_obs[windows, :-1] = self._w_obs[windows, 1:]
+        self._w_act[windows, :-1] = self._w_act[windows, 1:]
+        self._w_rew[windows, :-1] = self._w_rew[windows, 1:]
+        self._w_len[windows] -= 1
+
+    def _end_episode(self, w: int, next_obs: np.ndarray, term: bool, trunc: bool) -> None:
+        """An episode ended in window `w` (`next_obs`: its final observation, one row): every
+        suffix of the window is written, and the window empties."""
+        k = int(self._w_len[w])
+        rew = self._w_rew[w, :k]
+        g = np.array([rew[j:] @ self._powers[: k - j] for j in range(k)])
+        disc = self._powers[k - np.arange(k)]
+        self._write(
+            self._w_obs[w, :k],
+            self._w_act[w, :k],
+            g,
+            np.repeat(next_obs, k, axis=0),
+            np.full(k, term),
+            np.full(k, trunc),
+            disc,
+        )
+        self._w_len[w] = 0
 
     def _write(
         self,
