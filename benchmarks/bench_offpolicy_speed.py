@@ -10,8 +10,13 @@ process (the steadier figure on a shared machine).
     python benchmarks/bench_offpolicy_speed.py --only sac --sac-steps 5000 --repeats 3
 
 Tether runs twice per case: with `training.precision=float32` (the default: the same arithmetic
-as SB3) and with `training.precision=auto` (bfloat16 hidden-to-hidden products on a CPU with AMX,
-float32 elsewhere; see docs/offpolicy.md). Both ratios are printed.
+as SB3) and with `training.precision=auto` (bfloat16 hidden-to-hidden products on a CPU with AMX
+or AVX-512 BF16, float32 elsewhere; see docs/offpolicy.md). Both ratios are printed.
+
+After each case it prints the ceiling the arithmetic sets: the time of the step's 256-wide
+hidden-layer products alone (float32 and bfloat16, timed on their own, so a generous figure),
+per env step, against SB3's whole time per env step. No learner that does those products can beat
+SB3 by more than that ratio at that precision.
 
 Notes on "same hyperparameters": SB3's DQN has no Double-DQN, so the Tether side runs with
 `double_q=false` here; SB3 counts `target_update_interval` in env steps, Tether in gradient steps,
@@ -119,9 +124,9 @@ def sb3_sac(steps: int, threads: int, seed: int = 0) -> Speed:
     return _timed(lambda: model.learn(total_timesteps=steps) and steps, steps)
 
 
-def compare(name: str, ours: dict[str, Any], peer: Any, repeats: int) -> None:
+def compare(name: str, ours: dict[str, Any], peer: Any, repeats: int) -> float:
     """Median speeds over `repeats` interleaved runs (so load changes hit every side alike) of each
-    Tether variant in `ours` and of the peer, with the ratios."""
+    Tether variant in `ours` and of the peer, with the ratios; returns the peer's steps/s."""
     runs: dict[str, list[Speed]] = {label: [] for label in [*ours, "sb3"]}
     for _ in range(repeats):
         for label, run in ours.items():
@@ -134,6 +139,30 @@ def compare(name: str, ours: dict[str, Any], peer: Any, repeats: int) -> None:
             f"{name:<22} {label:<9} wall: tether {wall_o:6.0f} sb3 {wall_p:6.0f} steps/s ratio "
             f"{wall_o / wall_p:5.2f}x | CPU: tether {cpu_o:6.0f} sb3 {cpu_p:6.0f} steps/CPU-s ratio "
             f"{cpu_o / cpu_p:5.2f}x"
+        )
+    return wall_p
+
+
+def product_seconds(batch: int, width: int, dtype: torch.dtype, repeats: int = 200) -> float:
+    """Seconds of one (batch × width) by (width × width) product at `dtype`, timed alone."""
+    a = torch.randn(batch, width).to(dtype)
+    b = torch.randn(width, width).to(dtype)
+    for _ in range(20):
+        torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return (time.perf_counter() - start) / repeats
+
+
+def ceiling(name: str, products_per_env_step: float, batch: int, width: int, peer_speed: float) -> None:
+    """Print how far ahead of the peer the hidden-layer products alone let a learner be."""
+    for dtype in (torch.float32, torch.bfloat16):
+        seconds = products_per_env_step * product_seconds(batch, width, dtype)
+        print(
+            f"{name:<22} ceiling   {str(dtype).removeprefix('torch.'):<8} {products_per_env_step:g} "
+            f"products of {batch}x{width}x{width} per env step take {seconds * 1e3:5.2f} ms alone: "
+            f"at most {1 / (peer_speed * seconds):4.2f}x sb3"
         )
 
 
@@ -158,7 +187,7 @@ def main() -> None:
     native = has_native_bf16(torch.device("cpu"))
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), CPU; precision=auto multiplies in "
-        f"{'bfloat16 (AMX)' if native else 'float32 (no native bfloat16 here)'}"
+        f"{'bfloat16 (AMX or AVX-512 BF16)' if native else 'float32 (no native bfloat16 here)'}"
     )
 
     def variants(preset: str, steps: int, extra: list[str]) -> dict[str, Any]:
@@ -168,19 +197,30 @@ def main() -> None:
         }
 
     if args.only in (None, "dqn"):
-        compare(
-            f"DQN CartPole-v1 ({args.dqn_steps // 1000}k)",
+        name = f"DQN CartPole-v1 ({args.dqn_steps // 1000}k)"
+        peer = compare(
+            name,
             variants("cartpole-dqn", args.dqn_steps, ["training.double_q=false"]),
             lambda: sb3_dqn(args.dqn_steps, args.threads),
             args.repeats,
         )
+        c = load_config("cartpole-dqn")[0].training
+        # Per gradient step: the online pass forward and its two backward products, and the
+        # target pass forward (no Double DQN here).
+        ceiling(name, 4 * c.gradient_steps / c.train_freq, c.batch_size, c.net_arch[1], peer)
     if args.only in (None, "sac"):
-        compare(
-            f"SAC Pendulum-v1 ({args.sac_steps // 1000}k)",
+        name = f"SAC Pendulum-v1 ({args.sac_steps // 1000}k)"
+        peer = compare(
+            name,
             variants("pendulum-sac", args.sac_steps, []),
             lambda: sb3_sac(args.sac_steps, args.threads),
             args.repeats,
         )
+        c = load_config("pendulum-sac")[0].training
+        # Per gradient step, in batch-sized products: the actor forward over s and s' (2) and
+        # backward (2); the two target critics forward (2); the two critics forward (2) and
+        # backward (4); the two critics forward at the actor's action (2) and back to it (2).
+        ceiling(name, 16 * c.gradient_steps / c.train_freq, c.batch_size, c.critic_fc_layers[1], peer)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def _train(preset: str, tmp_path, *overrides: str):
     return config, trainer
 
 
-# `precision=auto` multiplies the hidden layers in bfloat16 on a CPU with AMX (float32 elsewhere).
+# `precision=auto` multiplies the hidden layers in bfloat16 on a CPU with AMX or AVX-512 BF16
+# (float32 elsewhere).
 @pytest.mark.parametrize("precision", ["float32", "auto"])
 def test_dqn_solves_cartpole_within_50k_steps(tmp_path, precision: str) -> None:
     config, trainer = _train(

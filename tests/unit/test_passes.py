@@ -17,7 +17,7 @@ from tether.algos import sac as sac_algo
 from tether.algos.base import Transitions
 from tether.algos.optim import adam, adam_step, clip_grads
 from tether.algos.passes import LOW_PRECISION_ROWS, MlpPasses, Tape, has_native_bf16, matmul_dtype
-from tether.algos.sac import TwinQ
+from tether.algos.sac import EnsembleLinear, TwinQ
 from tether.nets import mlp
 
 LOOSE = {"rtol": 3e-2, "atol": 3e-2}  # bfloat16 keeps 8 bits of mantissa
@@ -31,6 +31,22 @@ def _plain(activation: str = "relu") -> nn.Sequential:
 def _twin() -> nn.Sequential:
     torch.manual_seed(0)
     return TwinQ(4, 2, [64, 48], "relu").net
+
+
+def _ensemble_head() -> nn.Sequential:
+    """An ensemble whose last layer has a few outputs (not one): its own narrow-layer path."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        EnsembleLinear(2, 6, 64), nn.ReLU(), EnsembleLinear(2, 64, 48), nn.ReLU(), EnsembleLinear(2, 48, 3)
+    )
+
+
+NETS = {
+    "relu": lambda: _plain("relu"),
+    "tanh": lambda: _plain("tanh"),
+    "twin": _twin,
+    "ensemble": _ensemble_head,
+}
 
 
 def _input(net: nn.Sequential, rows: int = 40) -> torch.Tensor:
@@ -48,9 +64,9 @@ def _autograd(net: nn.Sequential, x: torch.Tensor, grad_out: torch.Tensor) -> tu
     return [p.grad.clone() for p in net.parameters()], x.grad
 
 
-@pytest.mark.parametrize("kind", ["relu", "tanh", "twin"])
+@pytest.mark.parametrize("kind", list(NETS))
 def test_forward_and_backward_match_autograd_in_float32(kind: str) -> None:
-    net = _twin() if kind == "twin" else _plain(kind)
+    net = NETS[kind]()
     reference = copy.deepcopy(net)
     x = _input(net)
     passes = MlpPasses(net)
@@ -66,9 +82,9 @@ def test_forward_and_backward_match_autograd_in_float32(kind: str) -> None:
     torch.testing.assert_close(grad_in, ref_in)
 
 
-@pytest.mark.parametrize("kind", ["relu", "twin"])
+@pytest.mark.parametrize("kind", ["relu", "twin", "ensemble"])
 def test_bfloat16_products_stay_close_to_float32(kind: str) -> None:
-    net = _twin() if kind == "twin" else _plain()
+    net = NETS[kind]()
     reference = copy.deepcopy(net)
     x = _input(net, rows=LOW_PRECISION_ROWS + 8)
     passes = MlpPasses(net, torch.bfloat16)
@@ -176,6 +192,18 @@ def test_precision_setting() -> None:
     assert matmul_dtype("bfloat16", cpu) == torch.bfloat16
     assert matmul_dtype("auto", cpu) == (torch.bfloat16 if has_native_bf16(cpu) else torch.float32)
     assert not has_native_bf16(torch.device("cuda"))
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "native"), [(True, False, True), (False, True, True), (False, False, False)]
+)
+def test_native_bfloat16_means_amx_or_avx512_bf16(
+    monkeypatch, amx: bool, avx512_bf16: bool, native: bool
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert has_native_bf16(torch.device("cpu")) is native
+    assert matmul_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     with pytest.raises(ValidationError):
         dqn_algo.Config(precision="float16")
 

@@ -82,6 +82,18 @@ def test_actions_are_scaled_to_bounds_and_policy_matches_act() -> None:
     assert warm[:, 1].min() < 0.5 and warm[:, 1].max() > 9.5 and abs(warm[:, 1].mean() - 5.0) < 0.5
 
 
+def test_numpy_acting_matches_the_torch_path_draw_for_draw() -> None:
+    fast, reference = _learner(), _learner()
+    reference._numpy_acting = None  # acting through torch, as with normalisation or a GPU
+    assert fast._numpy_acting is not None
+    obs = np.random.default_rng(5).normal(size=(16, 3)).astype(np.float32) * 5
+    for explore in (False, True, True):
+        ours, theirs = fast.act(obs, explore=explore).action, reference.act(obs, explore=explore).action
+        assert ours.dtype == theirs.dtype == np.float32
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert _learner(normalize_obs=True)._numpy_acting is None
+
+
 def test_update_trains_every_part_and_tunes_entropy() -> None:
     sac = _learner(train_freq=4, gradient_steps=2)
     rng = np.random.default_rng(1)

@@ -1,15 +1,16 @@
 """Forward and backward passes of the replay learners' MLPs, written out by hand.
 
-DQN and SAC train small networks on small batches, where a CPU spends more time on per-op cost
-than on arithmetic: autograd records a graph and replays it op by op, and each matrix product of a
-256-wide layer costs 160 µs in float32. These passes do the same arithmetic as autograd (the tests
-compare the two) with fewer ops: they keep only what the backward pass needs and write each
-gradient straight into its parameter's `.grad`.
+DQN and SAC train small networks on small batches, where per-op cost weighs as much as
+arithmetic: autograd records a graph and replays it op by op, while a 256-wide layer's product
+takes only 160–350 µs in float32, depending on the CPU. These passes do the same arithmetic as
+autograd (the tests compare the two) with fewer ops: they keep only what the backward pass needs
+and write each gradient straight into its parameter's `.grad`.
 
 They can also run the hidden-to-hidden products (every layer but the first and the last) in
-bfloat16, which CPUs with AMX multiply about 4× faster. Weights, biases, activations, gradients and
-optimizer state stay float32; only the product's inputs are rounded, as in mixed-precision
-training. The first layer (raw inputs) and the output layer (Q-values, action means) stay float32.
+bfloat16, which CPUs with AMX multiply about 4× faster and CPUs with AVX-512 BF16 about 2×.
+Weights, biases, activations, gradients and optimizer state stay float32; only the product's
+inputs are rounded, as in mixed-precision training. The first layer (raw inputs) and the output
+layer (Q-values, action means) stay float32.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ NARROW = 16
 
 
 def has_native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 products are faster than float32 ones here: a CPU with AMX tiles."""
+    """Whether bfloat16 products are faster than float32 ones here: a CPU with AMX tiles (about
+    4× for a 256-wide layer) or with AVX-512 BF16 dot products (about 2×)."""
     if device.type != "cpu":
         return False
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def matmul_dtype(precision: Precision, device: torch.device) -> torch.dtype:
@@ -125,12 +127,8 @@ class MlpPasses:
                     tape.low[i] = (x_low, w_low)
                 product = torch.bmm(x_low, w_low) if self.ensemble else torch.mm(x_low, w_low.t())
                 x = product.float().add_(b)
-            elif self.ensemble:
-                x = torch.baddbmm(b, x, w)
-            elif w.shape[0] <= NARROW:  # a few outputs: (W xᵀ)ᵀ is several times faster than x Wᵀ
-                x = torch.addmm(b.unsqueeze(1), w, x.t()).t()
             else:
-                x = torch.addmm(b, x, w.t())
+                x = self._product(w, b, x)
             if i < last:
                 x = x.relu_() if self.relu else x.tanh_()
         return x
@@ -176,20 +174,47 @@ class MlpPasses:
                 ).float()
             else:
                 if weights:
-                    if self.ensemble:
-                        torch.bmm(x.transpose(1, 2), grad, out=w_grad)
-                    elif x.shape[1] <= NARROW:  # a few inputs: likewise (xᵀ grad)ᵀ
-                        w_grad.copy_(torch.mm(x.t(), grad).t())
-                    else:
-                        torch.mm(grad.t(), x, out=w_grad)
+                    self._weight_grad(x, grad, w_grad)
                     self._bias_grad(i, grad)
                 if i == 0 and not inputs:
                     return None
-                w = self.weights[i]
-                grad = torch.bmm(grad, w.transpose(1, 2)) if self.ensemble else torch.mm(grad, w)
+                grad = self._input_grad(self.weights[i], grad)
             if i > 0:  # through the activation that produced this layer's input
                 grad = torch.ops.aten.threshold_backward(grad, x, 0) if self.relu else grad.mul_(1.0 - x * x)
         return grad
+
+    # The float32 products. A narrow side (at most NARROW units: a Q-head, an action head, a
+    # network's few inputs) sends the matrix library down slow paths in the natural order, up to
+    # 10× slower than the transposed order, (W xᵀ)ᵀ for x Wᵀ; a single unit is a broadcast.
+    def _product(self, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ + b (plain) or x W + b per member (ensemble)."""
+        if self.ensemble:
+            if w.shape[2] <= NARROW:
+                return torch.baddbmm(b.transpose(1, 2), w.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)
+            return torch.baddbmm(b, x, w)
+        if w.shape[0] <= NARROW:
+            return torch.addmm(b.unsqueeze(1), w, x.t()).t()
+        return torch.addmm(b, x, w.t())
+
+    def _weight_grad(self, x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> None:
+        """d loss / d W into `out`: xᵀ grad per member (ensemble), gradᵀ x (plain)."""
+        if self.ensemble:
+            if grad.shape[2] <= NARROW:
+                out.copy_(torch.bmm(grad.transpose(1, 2), x).transpose(1, 2))
+            else:
+                torch.bmm(x.transpose(1, 2), grad, out=out)
+        elif x.shape[1] <= NARROW:
+            out.copy_(torch.mm(x.t(), grad).t())
+        else:
+            torch.mm(grad.t(), x, out=out)
+
+    def _input_grad(self, w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """d loss / d x: grad Wᵀ per member (ensemble), grad W (plain)."""
+        if not self.ensemble:
+            return torch.mm(grad, w)
+        if w.shape[2] == 1:
+            return grad * w.transpose(1, 2)
+        return torch.bmm(grad, w.transpose(1, 2))
 
     def _bias_grad(self, i: int, grad: torch.Tensor) -> None:
         out = self.params[2 * i + 1].grad

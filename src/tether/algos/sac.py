@@ -233,6 +233,9 @@ class SAC(ReplayLearner):
         # The gradients the clips see: one flat tensor per network with the manual passes.
         self._actor_grads: list[torch.Tensor] | None = None
         self._critic_grads: list[torch.Tensor] | None = None
+        # Acting on raw observations on the CPU runs the actor in numpy (see forward_numpy).
+        raw_cpu = self.device.type == "cpu" and not c.normalize_obs
+        self._numpy_acting = self._passes[0] if self._passes is not None and raw_cpu else None
         if self._passes is not None:
             self._actor_grads = self._passes[0].allocate_grads()
             self._critic_grads = self._passes[1].allocate_grads()
@@ -254,6 +257,8 @@ class SAC(ReplayLearner):
             squashed = self.rng.uniform(-1.0, 1.0, (n, self.act_dim)).astype(np.float32)
             action = self.center.cpu().numpy() + self.half.cpu().numpy() * squashed
             return ActOut(action.reshape(n, *self.act_shape))
+        if self._numpy_acting is not None:
+            return ActOut(self._act_numpy(self._numpy_acting, obs, explore).reshape(n, *self.act_shape))
         with torch.no_grad():
             x = self._obs(obs)
             out = self.actor.net(x) if self._passes is None else self._passes[0].forward(x)
@@ -266,6 +271,15 @@ class SAC(ReplayLearner):
                 u = mean
             action = self.center + self.half * torch.tanh(u)
         return ActOut(action.cpu().numpy().reshape(n, *self.act_shape))
+
+    def _act_numpy(self, actor: MlpPasses, obs: np.ndarray, explore: bool) -> np.ndarray:
+        """`act`'s policy step in numpy, with the same noise draws as the torch path."""
+        out = actor.forward_numpy(obs.reshape(obs.shape[0], -1))
+        u = out[:, : self.act_dim]
+        if explore:
+            std = np.exp(np.clip(out[:, self.act_dim :], LOG_STD_MIN, LOG_STD_MAX))
+            u = u + std * torch.randn(u.shape, generator=self.generator).numpy()
+        return self.center.numpy() + self.half.numpy() * np.tanh(u)
 
     def observe(self, batch: Transitions) -> None:
         self._count(batch)
