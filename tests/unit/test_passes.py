@@ -168,6 +168,16 @@ def test_first_rows_tape_backpropagates_only_those_rows() -> None:
     torch.testing.assert_close(joint, grads[0])
 
 
+def test_backward_into_weights_needs_allocated_grads() -> None:
+    net = _plain()
+    passes = MlpPasses(net)
+    tape = Tape()
+    out = passes.forward(_input(net), tape)
+    with pytest.raises(RuntimeError, match="allocate_grads"):
+        passes.backward(tape, torch.ones_like(out))
+    assert passes.backward(tape, torch.ones_like(out), weights=False, inputs=True) is not None
+
+
 def test_grads_are_views_of_one_flat_tensor() -> None:
     net = _plain()
     (flat,) = MlpPasses(net).allocate_grads()

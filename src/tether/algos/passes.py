@@ -78,14 +78,15 @@ class MlpPasses:
     def __init__(self, net: nn.Sequential, dtype: torch.dtype = torch.float32) -> None:
         if not self.supports(net):
             raise ValueError("MlpPasses needs linear layers with ReLU or tanh between them")
-        layers = list(net)[0::2]
         self.relu = not any(isinstance(m, nn.Tanh) for m in net)
-        self.ensemble = layers[0].weight.dim() == 3
-        self.params: list[nn.Parameter] = [p for m in layers for p in (m.weight, m.bias)]
-        self.weights = [m.weight.detach() for m in layers]
-        self.biases = [m.bias.detach() for m in layers]
-        last = len(layers) - 1
-        self.low = [dtype != torch.float32 and 0 < i < last for i in range(len(layers))]
+        self.params: list[nn.Parameter] = [
+            getattr(m, name) for m in list(net)[0::2] for name in ("weight", "bias")
+        ]
+        self.weights = [p.detach() for p in self.params[0::2]]
+        self.biases = [p.detach() for p in self.params[1::2]]
+        self.ensemble = self.weights[0].dim() == 3
+        last = len(self.weights) - 1
+        self.low = [dtype != torch.float32 and 0 < i < last for i in range(len(self.weights))]
         self.dtype = dtype
         self._numpy: list[tuple[np.ndarray, np.ndarray]] | None = None
 
@@ -95,11 +96,10 @@ class MlpPasses:
         if not isinstance(net, nn.Sequential) or len(net) % 2 != 1:
             return False
         acts = {type(m) for m in list(net)[1::2]}
+        params = [(getattr(m, "weight", None), getattr(m, "bias", None)) for m in list(net)[0::2]]
         linear = all(
-            isinstance(getattr(m, "weight", None), nn.Parameter)
-            and isinstance(getattr(m, "bias", None), nn.Parameter)
-            and m.weight.dim() in (2, 3)
-            for m in list(net)[0::2]
+            isinstance(w, nn.Parameter) and isinstance(b, nn.Parameter) and w.dim() in (2, 3)
+            for w, b in params
         )
         return linear and len(acts) <= 1 and acts <= set(ACTIVATIONS)
 
@@ -159,11 +159,11 @@ class MlpPasses:
         """
         grad = grad_out
         for i in range(len(self.weights) - 1, -1, -1):
-            x, w_grad = tape.inputs[i], self.params[2 * i].grad
+            x = tape.inputs[i]
             if i in tape.low:
                 (x_low, w_low), g_low = tape.low[i], grad.to(self.dtype)
                 if weights:
-                    w_grad.copy_(
+                    self._grad(2 * i).copy_(
                         torch.bmm(x_low.transpose(1, 2), g_low)
                         if self.ensemble
                         else torch.mm(g_low.t(), x_low)
@@ -174,7 +174,7 @@ class MlpPasses:
                 ).float()
             else:
                 if weights:
-                    self._weight_grad(x, grad, w_grad)
+                    self._weight_grad(x, grad, self._grad(2 * i))
                     self._bias_grad(i, grad)
                 if i == 0 and not inputs:
                     return None
@@ -216,8 +216,15 @@ class MlpPasses:
             return grad * w.transpose(1, 2)
         return torch.bmm(grad, w.transpose(1, 2))
 
+    def _grad(self, index: int) -> torch.Tensor:
+        """The `.grad` of parameter `index`, which `backward` overwrites."""
+        grad = self.params[index].grad
+        if grad is None:
+            raise RuntimeError("MlpPasses.backward writes parameter gradients: call allocate_grads() first")
+        return grad
+
     def _bias_grad(self, i: int, grad: torch.Tensor) -> None:
-        out = self.params[2 * i + 1].grad
+        out = self._grad(2 * i + 1)
         if self.ensemble:
             torch.sum(grad, 1, keepdim=True, out=out)
         else:

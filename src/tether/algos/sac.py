@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import gymnasium as gym
 import numpy as np
@@ -165,6 +165,9 @@ def _squashed_parts(
 class SquashedPolicy(nn.Module):
     """Deterministic export: raw observation → tanh(mean) scaled to the env's bounds."""
 
+    action_center: torch.Tensor
+    action_scale: torch.Tensor
+
     def __init__(self, actor: Actor, norm: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
         super().__init__()
         self.actor, self.norm = actor, norm
@@ -214,9 +217,9 @@ class SAC(ReplayLearner):
             self.actor = Actor(self.obs_dim, self.act_dim, c.actor_fc_layers, c.activation).to(self.device)
             self.critic = TwinQ(self.obs_dim, self.act_dim, c.critic_fc_layers, c.activation).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._actor_params = list(self.actor.parameters())
-        self._critic_params = list(self.critic.parameters())
-        self._target_params = list(self.critic_target.parameters())
+        self._actor_params: list[torch.Tensor] = list(self.actor.parameters())
+        self._critic_params: list[torch.Tensor] = list(self.critic.parameters())
+        self._target_params: list[torch.Tensor] = list(self.critic_target.parameters())
         self.norm: nn.Module = (
             RunningNorm((self.obs_dim,)).to(self.device) if c.normalize_obs else nn.Identity()
         )
@@ -255,8 +258,8 @@ class SAC(ReplayLearner):
         n = obs.shape[0]
         if explore and self.steps < self.config.learning_starts:  # uniform warm-up, as in the paper
             squashed = self.rng.uniform(-1.0, 1.0, (n, self.act_dim)).astype(np.float32)
-            action = self.center.cpu().numpy() + self.half.cpu().numpy() * squashed
-            return ActOut(action.reshape(n, *self.act_shape))
+            uniform = self.center.cpu().numpy() + self.half.cpu().numpy() * squashed
+            return ActOut(uniform.reshape(n, *self.act_shape))
         if self._numpy_acting is not None:
             return ActOut(self._act_numpy(self._numpy_acting, obs, explore).reshape(n, *self.act_shape))
         with torch.no_grad():
@@ -284,7 +287,7 @@ class SAC(ReplayLearner):
     def observe(self, batch: Transitions) -> None:
         self._count(batch)
         if self.config.normalize_obs:
-            self.norm.update(np.asarray(batch.obs).reshape(len(batch), -1))
+            cast(RunningNorm, self.norm).update(np.asarray(batch.obs).reshape(len(batch), -1))
 
     # ------------------------------------------------------------------------ learning
     def update(self) -> dict[str, float]:
@@ -382,7 +385,7 @@ class SAC(ReplayLearner):
             dL/du      = dL/dã · (1 − ã²) + (α/B) · 2ã,   dL/dã from the critics' input gradient
             dL/dμ      = dL/du
             dL/dlog σ  = dL/du · σ·ε − α/B              (zero where log σ was clamped)"""
-        actor, critic, critic_target = self._passes or ()
+        actor, critic, critic_target = cast(list[MlpPasses], self._passes)
         obs, next_obs, action, alpha = self._step_inputs(b, auto)
         batch, d = obs.shape[0], self.act_dim
         # The actor's passes over s and s' share one forward pass and one sampling (with the
@@ -414,13 +417,14 @@ class SAC(ReplayLearner):
         actor_loss = (alpha * logp - q_min).mean()
         grad_q_pi = torch.zeros_like(q_pi).scatter_(0, lower.unsqueeze(0), -1.0 / batch)
         grad_input = critic.backward(q_tape, grad_q_pi.unsqueeze(-1), weights=False, inputs=True)
+        grad_input = cast(torch.Tensor, grad_input)  # a tensor whenever inputs=True
         grad_pi = grad_input[..., self.obs_dim :].sum(0)
         grad_u = grad_pi.mul_(1.0 - pi_action * pi_action).add_((2.0 / batch) * alpha * pi_action)
         inside = (raw_log_std >= LOG_STD_MIN) & (raw_log_std <= LOG_STD_MAX)
         grad_log_std = (grad_u * std * noise - alpha / batch) * inside
         actor.backward(actor_tape, torch.cat([grad_u, grad_log_std], dim=1))
         if auto:
-            self.log_alpha.grad.copy_(-(logp + self.target_entropy).mean())
+            cast(torch.Tensor, self.log_alpha.grad).copy_(-(logp + self.target_entropy).mean())
         self._actor_update(auto)
         return torch.stack([critic_loss, actor_loss, alpha, q.mean(), -logp.mean()])
 
