@@ -184,8 +184,9 @@ class MlpPasses:
         return grad
 
     # The float32 products. A narrow side (at most NARROW units: a Q-head, an action head, a
-    # network's few inputs) sends the matrix library down slow paths in the natural order, up to
-    # 10× slower than the transposed order, (W xᵀ)ᵀ for x Wᵀ; a single unit is a broadcast.
+    # network's few inputs) can send the matrix library down slow paths, up to 10× slower than
+    # the other order ((W xᵀ)ᵀ for x Wᵀ). Each case takes the order measured fastest for its
+    # shape (docs/benchmarks.md); a product over a single unit is a broadcast multiply.
     def _product(self, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ + b (plain) or x W + b per member (ensemble)."""
         if self.ensemble:
