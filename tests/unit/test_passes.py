@@ -288,6 +288,15 @@ def _twins(learner: object) -> tuple[object, object]:
     return learner, reference
 
 
+def _assert_trains_through_autograd(learner: object, batch: Transitions, loss: str, net: nn.Module) -> None:
+    """A learner without hand-written passes still updates: a finite `loss` and a changed `net`."""
+    assert learner._passes is None
+    learner.observe(batch)
+    before = [p.clone() for p in net.parameters()]
+    assert np.isfinite(learner.update()[loss])
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"loss": "mse", "double_q": True}, {"prioritized": True, "max_grad_norm": None}],
@@ -312,12 +321,10 @@ def test_dqn_dueling_head_trains_through_autograd() -> None:
     obs = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
     config = dqn_algo.Config(batch_size=16, train_freq=16, learning_starts=0, net_arch=[16, 16], dueling=True)
     learner = dqn_algo.build(config, obs, gym.spaces.Discrete(2))
-    assert learner._passes is None
     rng = np.random.default_rng(0)
-    learner.observe(_transitions(rng, 16, 4, rng.integers(0, 2, 16)))
-    before = [p.clone() for p in learner.q.parameters()]
-    assert np.isfinite(learner.update()["loss"])
-    assert any(not torch.equal(a, b) for a, b in zip(before, learner.q.parameters(), strict=True))
+    _assert_trains_through_autograd(
+        learner, _transitions(rng, 16, 4, rng.integers(0, 2, 16)), "loss", learner.q
+    )
 
 
 @pytest.mark.parametrize(
@@ -365,12 +372,9 @@ def test_sac_with_another_activation_trains_through_autograd() -> None:
         activation="elu",
     )
     learner = sac_algo.build(config, obs, act)
-    assert learner._passes is None
     rng = np.random.default_rng(0)
-    learner.observe(_transitions(rng, 16, 3, rng.uniform(-1, 1, (16, 1)).astype(np.float32)))
-    before = [p.clone() for p in learner.actor.parameters()]
-    assert np.isfinite(learner.update()["critic_loss"])
-    assert any(not torch.equal(a, b) for a, b in zip(before, learner.actor.parameters(), strict=True))
+    batch = _transitions(rng, 16, 3, rng.uniform(-1, 1, (16, 1)).astype(np.float32))
+    _assert_trains_through_autograd(learner, batch, "critic_loss", learner.actor)
 
 
 @pytest.mark.parametrize("algorithm", ["dqn", "sac"])

@@ -163,15 +163,9 @@ class MlpPasses:
             if i in tape.low:
                 (x_low, w_low), g_low = tape.low[i], grad.to(self.dtype)
                 if weights:
-                    self._grad(2 * i).copy_(
-                        torch.bmm(x_low.transpose(1, 2), g_low)
-                        if self.ensemble
-                        else torch.mm(g_low.t(), x_low)
-                    )
+                    self._weight_grad(x_low, g_low, self._grad(2 * i))
                     self._bias_grad(i, grad)
-                grad = (
-                    torch.bmm(g_low, w_low.transpose(1, 2)) if self.ensemble else torch.mm(g_low, w_low)
-                ).float()
+                grad = self._input_grad(w_low, g_low).float()
             else:
                 if weights:
                     self._weight_grad(x, grad, self._grad(2 * i))
@@ -183,10 +177,11 @@ class MlpPasses:
                 grad = torch.ops.aten.threshold_backward(grad, x, 0) if self.relu else grad.mul_(1.0 - x * x)
         return grad
 
-    # The float32 products. A narrow side (at most NARROW units: a Q-head, an action head, a
-    # network's few inputs) can send the matrix library down slow paths, up to 10× slower than
-    # the other order ((W xᵀ)ᵀ for x Wᵀ). Each case takes the order measured fastest for its
-    # shape (docs/benchmarks.md); a product over a single unit is a broadcast multiply.
+    # The products (of float32 operands, or of a reduced-precision layer's rounded ones). A narrow
+    # side (at most NARROW units: a Q-head, an action head, a network's few inputs) can send the
+    # matrix library down slow paths, up to 10× slower than the other order ((W xᵀ)ᵀ for x Wᵀ).
+    # Each case takes the order measured fastest for its shape (docs/benchmarks.md); a product
+    # over a single unit is a broadcast multiply.
     def _product(self, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ + b (plain) or x W + b per member (ensemble)."""
         if self.ensemble:
@@ -198,16 +193,21 @@ class MlpPasses:
         return torch.addmm(b, x, w.t())
 
     def _weight_grad(self, x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> None:
-        """d loss / d W into `out`: xᵀ grad per member (ensemble), gradᵀ x (plain)."""
+        """d loss / d W into `out` (float32 whatever the product's dtype): xᵀ grad per member
+        (ensemble), gradᵀ x (plain)."""
         if self.ensemble:
             if grad.shape[2] <= NARROW:
                 out.copy_(torch.bmm(grad.transpose(1, 2), x).transpose(1, 2))
-            else:
+            elif grad.dtype == out.dtype:
                 torch.bmm(x.transpose(1, 2), grad, out=out)
+            else:
+                out.copy_(torch.bmm(x.transpose(1, 2), grad))
         elif x.shape[1] <= NARROW:
             out.copy_(torch.mm(x.t(), grad).t())
-        else:
+        elif grad.dtype == out.dtype:
             torch.mm(grad.t(), x, out=out)
+        else:
+            out.copy_(torch.mm(grad.t(), x))
 
     def _input_grad(self, w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """d loss / d x: grad Wᵀ per member (ensemble), grad W (plain)."""

@@ -114,8 +114,13 @@ class TwinQ(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(self.inputs(obs, action)).squeeze(-1)
+
+    @staticmethod
+    def inputs(obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The ensemble's input: [s, a] for each of the two members, (2, B, obs + act)."""
         x = torch.cat([obs, action], dim=1)
-        return self.net(x.expand(2, *x.shape)).squeeze(-1)
+        return x.expand(2, *x.shape)
 
 
 class Actor(nn.Module):
@@ -234,15 +239,13 @@ class SAC(ReplayLearner):
         dtype = matmul_dtype(c.precision, self.device)
         self._passes = [MlpPasses(n, dtype) for n in nets] if all(map(MlpPasses.supports, nets)) else None
         # The gradients the clips see: one flat tensor per network with the manual passes.
-        self._actor_grads: list[torch.Tensor] | None = None
-        self._critic_grads: list[torch.Tensor] | None = None
+        self._actor_grads = self._passes[0].allocate_grads() if self._passes is not None else None
+        self._critic_grads = self._passes[1].allocate_grads() if self._passes is not None else None
+        if self._passes is not None:
+            self.log_alpha.grad = torch.zeros_like(self.log_alpha)
         # Acting on raw observations on the CPU runs the actor in numpy (see forward_numpy).
         raw_cpu = self.device.type == "cpu" and not c.normalize_obs
         self._numpy_acting = self._passes[0] if self._passes is not None and raw_cpu else None
-        if self._passes is not None:
-            self._actor_grads = self._passes[0].allocate_grads()
-            self._critic_grads = self._passes[1].allocate_grads()
-            self.log_alpha.grad = torch.zeros_like(self.log_alpha)
         self._init_replay("sac", observation_space, action_space, seed, total_steps)
 
     # ------------------------------------------------------------------------ acting
@@ -400,11 +403,11 @@ class SAC(ReplayLearner):
         pi_action, logp, std, noise = (x[:batch] for x in both)
         next_action, next_logp = both[0][batch:], both[1][batch:]
         raw_log_std = raw_log_std[:batch]
-        next_q = critic_target.forward(self._critic_input(next_obs, next_action)).squeeze(-1)
+        next_q = critic_target.forward(TwinQ.inputs(next_obs, next_action)).squeeze(-1)
         target = b.reward + b.discount * b.not_done * (next_q.min(0).values - alpha * next_logp)
 
         critic_tape = Tape()
-        q = critic.forward(self._critic_input(obs, action), critic_tape).squeeze(-1)
+        q = critic.forward(TwinQ.inputs(obs, action), critic_tape).squeeze(-1)
         td = q - target
         critic_loss = self._critic_loss(td, b)
         grad_q = td * b.weights if self.config.prioritized else td.clone()  # d critic_loss / dQ_i
@@ -412,7 +415,7 @@ class SAC(ReplayLearner):
         self._critic_update(td, b)
 
         q_tape = Tape()
-        q_pi = critic.forward(self._critic_input(obs, pi_action), q_tape).squeeze(-1)
+        q_pi = critic.forward(TwinQ.inputs(obs, pi_action), q_tape).squeeze(-1)
         q_min, lower = q_pi.min(0)
         actor_loss = (alpha * logp - q_min).mean()
         grad_q_pi = torch.zeros_like(q_pi).scatter_(0, lower.unsqueeze(0), -1.0 / batch)
@@ -427,12 +430,6 @@ class SAC(ReplayLearner):
             cast(torch.Tensor, self.log_alpha.grad).copy_(-(logp + self.target_entropy).mean())
         self._actor_update(auto)
         return torch.stack([critic_loss, actor_loss, alpha, q.mean(), -logp.mean()])
-
-    @staticmethod
-    def _critic_input(obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """TwinQ's input: [s, a] for each of its two members, (2, B, obs + act)."""
-        x = torch.cat([obs, action], dim=1)
-        return x.expand(2, *x.shape)
 
     def _critic_loss(self, td: torch.Tensor, b: TensorSample) -> torch.Tensor:
         """½ Σ_i mean_b(w · δ_i²)."""
