@@ -80,7 +80,7 @@ def rng_state() -> dict[str, Any]:
     """The global RNG states a resume must restore (learners keep their own generators too)."""
     return {
         "torch": torch.get_rng_state(),
-        "numpy": _np_state_to_plain(np.random.get_state()),
+        "numpy": _np_state_to_plain(np.random.get_state(legacy=True)),
         "python": _py_state_to_plain(random.getstate()),
     }
 
@@ -93,7 +93,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _np_state_to_plain(st: tuple[Any, ...]) -> list[Any]:
+def _np_state_to_plain(st: Any) -> list[Any]:
     kind, keys, pos, has_gauss, cached = st
     return [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]
 

@@ -105,6 +105,9 @@ class AngleFeatures(nn.Module):
     other entries, which keep their order): headings of +π and −π are one direction, and a network
     fed the raw angle has to learn that jump, which makes driving west much harder than east."""
 
+    keep: torch.Tensor
+    angles: torch.Tensor
+
     def __init__(self, obs_dim: int, angle_indices: list[int]) -> None:
         super().__init__()
         bad = [i for i in angle_indices if not 0 <= i < obs_dim]
@@ -125,6 +128,10 @@ class AngleFeatures(nn.Module):
 class RunningNorm(nn.Module):
     """Running mean/variance of observations (parallel-variance merge), applied as
     `clip((x - mean) / sqrt(var + eps))`. Stored as buffers so it is saved, loaded and exported."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8) -> None:
         super().__init__()

@@ -183,7 +183,7 @@ class Trainer:
 
     def update_config(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Validate live changes (`training.<key>` in the algorithm's LIVE_KEYS) and queue them."""
-        live = getattr(type(self.config.training), "LIVE_KEYS", frozenset())
+        live: frozenset[str] = getattr(type(self.config.training), "LIVE_KEYS", frozenset())
         allowed = ", ".join(f"training.{k}" for k in sorted(live)) or "none"
         if not isinstance(changes, dict) or not changes:
             raise ConfigError(f"send a JSON object of keys to change; live keys are: {allowed}.")
@@ -205,7 +205,10 @@ class Trainer:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), TensorBoardSink(self.run_dir / "tb")]
+        sinks: list[JsonlSink | TensorBoardSink] = [
+            JsonlSink(self.run_dir / "metrics.jsonl"),
+            TensorBoardSink(self.run_dir / "tb"),
+        ]
         for sink in sinks:
             self.bus.add_sink(sink)
         env = None

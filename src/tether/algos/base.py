@@ -20,13 +20,14 @@ class Transitions:
     `next_obs` is the true successor of `obs`: at an episode end it is the final observation, not
     the first observation of the next episode. `terminated` and `truncated` are kept apart so that
     learners bootstrap on truncation. `extras` carries what `act()` returned for these steps
-    (for example `logp` and `value` for PPO); remote sources may leave it empty.
+    (for example `logp` and `value` for PPO); remote sources may leave it empty. For a Dict
+    observation space, `obs` and `next_obs` map each key to its batch.
     """
 
-    obs: np.ndarray
+    obs: np.ndarray | dict[str, np.ndarray]
     action: np.ndarray
     reward: np.ndarray
-    next_obs: np.ndarray
+    next_obs: np.ndarray | dict[str, np.ndarray]
     terminated: np.ndarray
     truncated: np.ndarray
     extras: dict[str, np.ndarray] = field(default_factory=dict)

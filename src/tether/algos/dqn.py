@@ -101,9 +101,9 @@ class ObsEncoder(nn.Module):
     def __init__(self, space: gym.Space) -> None:
         super().__init__()
         self.discrete = isinstance(space, gym.spaces.Discrete)
-        self.n = int(space.n) if self.discrete else 0
-        self.start = int(space.start) if self.discrete else 0
-        self.dim = self.n if self.discrete else int(np.prod(space.shape))
+        self.n = int(space.n) if isinstance(space, gym.spaces.Discrete) else 0
+        self.start = int(space.start) if isinstance(space, gym.spaces.Discrete) else 0
+        self.dim = self.n if self.discrete else int(np.prod(space.shape or ()))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if self.discrete:
@@ -169,7 +169,7 @@ class DQN(ReplayLearner):
             self.q = QNetwork(observation_space, self.n_actions, c.net_arch, c.activation, c.dueling)
         self.q.to(self.device)
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
-        self._params = list(self.q.parameters())
+        self._params: list[torch.Tensor] = list(self.q.parameters())
         self.optimizer = adam(self._params, c.learning_rate, self.device)
         # Hand-written passes for a plain MLP (see tether.algos.passes); a dueling head or another
         # activation goes through autograd.
@@ -196,9 +196,9 @@ class DQN(ReplayLearner):
     def act(self, obs: np.ndarray, explore: bool = True) -> ActOut:
         obs = np.asarray(obs)
         n = obs.shape[0]
-        random = self.rng.random(n) < self.epsilon if explore else np.zeros(n, bool)
+        random = np.asarray(self.rng.random(n) < self.epsilon) if explore else np.zeros(n, bool)
         if random.all():  # skip the network entirely while exploring at ε = 1
-            return ActOut(self.rng.integers(0, self.n_actions, n))
+            return ActOut(self.rng.integers(0, self.n_actions, (n,)))
         if self._numpy_acting is not None:
             actions = self._numpy_acting.forward_numpy(obs.reshape(n, -1)).argmax(1)
         else:
@@ -336,7 +336,8 @@ class DQN(ReplayLearner):
         if tau >= 1.0:
             self.q_target.load_state_dict(self.q.state_dict())
             return
-        online, target = list(self.q.parameters()), list(self.q_target.parameters())
+        online: list[torch.Tensor] = list(self.q.parameters())
+        target: list[torch.Tensor] = list(self.q_target.parameters())
         torch._foreach_lerp_(target, online, tau)
 
     # ------------------------------------------------------------------------ export / state

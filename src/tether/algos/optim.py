@@ -4,7 +4,7 @@ each of these removes work without changing the update's arithmetic."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,7 +31,7 @@ def flush_denormals() -> Iterator[None]:
 
 
 def clip_grad_norm(
-    params: list[torch.Tensor], max_norm: float, flat: list[torch.Tensor] | None = None
+    params: Sequence[torch.Tensor], max_norm: float, flat: list[torch.Tensor] | None = None
 ) -> None:
     """`torch.nn.utils.clip_grad_norm_(params, max_norm)` (same arithmetic) without its per-call
     grouping of tensors by device and dtype, which costs more than the three ops for a small net.

@@ -62,6 +62,9 @@ class Config(BaseModel):
 class DeterministicPolicy(nn.Module):
     """Raw observation → deterministic action in the env's scale (what export and eval run)."""
 
+    low: torch.Tensor | None
+    high: torch.Tensor | None
+
     def __init__(
         self,
         net: ActorCritic,
@@ -106,12 +109,12 @@ class PPO:
         torch.manual_seed(seed)
         flat_obs = isinstance(observation_space, gym.spaces.Box)
         self.features: AngleFeatures | None = None
-        net_obs_shape = observation_space.shape
+        net_obs_shape: tuple[int, ...] = observation_space.shape or ()  # None for a Dict space
         if config.angle_obs:
-            if not (flat_obs and len(observation_space.shape) == 1):
+            if not (flat_obs and len(net_obs_shape) == 1):
                 raise ConfigError("training.angle_obs needs a flat Box observation space")
             try:
-                self.features = AngleFeatures(observation_space.shape[0], config.angle_obs).to(self.device)
+                self.features = AngleFeatures(net_obs_shape[0], config.angle_obs).to(self.device)
             except ValueError as exc:
                 raise ConfigError(f"training.angle_obs: {exc}") from None
             net_obs_shape = (self.features.out_dim,)

@@ -325,7 +325,7 @@ def parse_qtable_json(data: Any) -> dict[Hashable, dict[Hashable, float]]:
         raise QTableError("a Q-table must be a JSON object; send the output of to_json().")
     if data.get("format") != JSON_FORMAT or data.get("version") != JSON_VERSION:
         raise QTableError(f"not a {JSON_FORMAT} v{JSON_VERSION} document; send the output of to_json().")
-    types = (data.get("state_type"), data.get("action_type"))
+    types = (str(data.get("state_type")), str(data.get("action_type")))
     if any(t not in ("int", "str") for t in types):
         raise QTableError("state_type and action_type must each be 'int' or 'str'.")
     q = data.get("q")
@@ -359,6 +359,8 @@ def parse_qtable_json(data: Any) -> dict[Hashable, dict[Hashable, float]]:
 
 class QTablePolicy(torch.nn.Module):
     """Row lookup: integer observations (B,) or (B, 1) → Q-values (B, n_actions)."""
+
+    values: torch.Tensor
 
     def __init__(self, values: torch.Tensor, start: int = 0) -> None:
         super().__init__()

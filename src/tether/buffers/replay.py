@@ -80,7 +80,10 @@ class TensorSample:
         )
         parts = [x.split(size) for x in fields]
         indices = [self.indices[i : i + size] for i in range(0, len(self.indices), size)]
-        return [TensorSample(*row, idx) for *row, idx in zip(*parts, indices, strict=True)]
+        return [
+            TensorSample(o, a, r, n, d, g, w, idx)
+            for o, a, r, n, d, g, w, idx in zip(*parts, indices, strict=True)
+        ]
 
 
 class ReplayBuffer:
@@ -147,12 +150,12 @@ class ReplayBuffer:
     ) -> ReplayBuffer:
         """A buffer shaped for a Box/Discrete observation and action space (float obs are stored as
         float32, images keep their uint8)."""
-        obs_dtype = observation_space.dtype if observation_space.dtype == np.uint8 else np.float32
+        obs_dtype: Any = observation_space.dtype if observation_space.dtype == np.uint8 else np.float32
         if isinstance(observation_space, gym.spaces.Discrete):
             obs_dtype = np.int64
-        if isinstance(action_space, gym.spaces.Discrete):
-            act_shape, act_dtype = (), np.int64
-        else:
+        act_shape: tuple[int, ...] = ()
+        act_dtype: Any = np.int64
+        if not isinstance(action_space, gym.spaces.Discrete):
             act_shape, act_dtype = tuple(action_space.shape or ()), np.float32
         return cls(capacity, tuple(observation_space.shape or ()), act_shape, obs_dtype, act_dtype, **kwargs)
 

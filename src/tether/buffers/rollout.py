@@ -15,7 +15,7 @@ def _alloc(space: gym.Space[Any], steps: int, num_envs: int, device: torch.devic
     if isinstance(space, gym.spaces.Dict):
         return {k: _alloc(s, steps, num_envs, device) for k, s in space.spaces.items()}  # type: ignore[misc]
     dtype = torch.uint8 if space.dtype == np.uint8 else torch.float32
-    return torch.zeros((steps, num_envs, *space.shape), dtype=dtype, device=device)
+    return torch.zeros((steps, num_envs, *(space.shape or ())), dtype=dtype, device=device)
 
 
 def _write(dst: Obs, t: int, src: Any) -> None:
@@ -52,7 +52,7 @@ class RolloutBuffer:
         self.steps, self.num_envs, self.device = steps, num_envs, device
         self.observation_space = observation_space
         self.obs = _alloc(observation_space, steps, num_envs, device)
-        act_shape = () if isinstance(action_space, gym.spaces.Discrete) else action_space.shape
+        act_shape = () if isinstance(action_space, gym.spaces.Discrete) else action_space.shape or ()
         act_dtype = torch.int64 if isinstance(action_space, gym.spaces.Discrete) else torch.float32
         self.actions = torch.zeros((steps, num_envs, *act_shape), dtype=act_dtype, device=device)
         self.logp = torch.zeros((steps, num_envs), device=device)

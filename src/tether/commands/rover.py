@@ -5,7 +5,6 @@ See docs/rover.md for the whole loop and docs/protocols.md ("Rover (ZeroMQ)") fo
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -45,7 +44,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 def _rknn_toolkit_available() -> bool:
     try:
-        import rknn.api  # type: ignore[import-not-found]  # noqa: F401
+        import rknn.api  # noqa: F401
     except ImportError:
         return False
     return True
@@ -67,7 +66,7 @@ def convert_to_rknn(
     target: str = "rk3588",
 ) -> None:
     """ONNX → RKNN (float16, no quantisation calibration data needed) with rknn-toolkit2."""
-    from rknn.api import RKNN  # type: ignore[import-not-found]
+    from rknn.api import RKNN
 
     names, shapes = _rknn_inputs(sidecar, image_size)
     rknn = RKNN()
@@ -151,11 +150,11 @@ def _run_step(cmd: list[str]) -> None:
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> tuple[Path, Path, dict[str, Any]]:
     """Checkpoint → `<out_dir>/<name>.onnx` and its sidecar `<name>.onnx.json` (with the rover's
-    image size, depth scale and exploration std). Uses `tether.export.onnx` when it is there."""
-    from tether.checkpoint import CheckpointError, atomic_write_text
-    from tether.ingest.rover import sidecar_path
+    image size, depth scale and exploration std)."""
+    from tether.checkpoint import CheckpointError
+    from tether.export.onnx import export_onnx
     from tether.ingest.rover_server import ACTION_SPACE, load_rover_net
-    from tether.nets_rgbd import RgbdDeterministicPolicy, rgbd_observation_space, write_rgbd_onnx
+    from tether.nets_rgbd import RgbdDeterministicPolicy, rgbd_observation_space
 
     if not checkpoint.is_file():
         raise RoverCommandError(f"checkpoint {checkpoint} does not exist; pass a ppo_update_N.pt file.")
@@ -173,19 +172,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> tuple[Path, Path, dict
         "source": checkpoint.name,
     }
     onnx_path = out_dir / f"{checkpoint.stem}.onnx"
-    try:
-        from tether.export.onnx import export_onnx
-    except ImportError:  # pragma: no cover - the export package is part of Tether
-        export_onnx = None
-    if export_onnx is not None:
-        policy = RgbdDeterministicPolicy(net).eval()
-        result = export_onnx(
-            policy, rgbd_observation_space(image_size), ACTION_SPACE, onnx_path, metadata=meta
-        )
-        return result.path, result.sidecar_path, result.sidecar
-    write_rgbd_onnx(net, onnx_path, image_size, meta)
-    atomic_write_text(sidecar_path(onnx_path), json.dumps(meta, indent=2))
-    return onnx_path, sidecar_path(onnx_path), meta
+    policy = RgbdDeterministicPolicy(net).eval()
+    result = export_onnx(policy, rgbd_observation_space(image_size), ACTION_SPACE, onnx_path, metadata=meta)
+    return result.path, result.sidecar_path, result.sidecar
 
 
 def deploy(

@@ -185,9 +185,10 @@ class LunaboticsConfig(BaseModel):
     @field_validator("rock_radius_max", "crater_radius_max")
     @classmethod
     def _max_not_below_min(cls, value: float, info: ValidationInfo) -> float:
-        low = info.data.get(info.field_name.replace("_max", "_min"))  # type: ignore[union-attr]
+        low_name = str(info.field_name).replace("_max", "_min")
+        low = info.data.get(low_name)
         if low is not None and value < low:
-            raise ValueError(f"must be at least {info.field_name.replace('_max', '_min')} ({low})")
+            raise ValueError(f"must be at least {low_name} ({low})")
         return value
 
 
@@ -961,7 +962,7 @@ class LunaboticsEnv(gym.Env[np.ndarray, np.ndarray]):
         info = {key: bool(value[0]) for key, value in events.items()}
         return obs[0], float(reward[0]), term, trunc, info
 
-    def render(self) -> np.ndarray | None:  # type: ignore[override]
+    def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
             return None
         from tether.envs.lunabotics_render import render_arena

@@ -63,9 +63,9 @@ def render_arena(core: LunaboticsCore, i: int) -> np.ndarray:
     img[:] = _GROUND
     for zid in _ZONE_ORDER:
         x0, y0, x1, y1 = core.zones[zid]
-        cols = (xs >= x0) & (xs <= x1)
-        rows = (ys >= y0) & (ys <= y1)
-        img[np.ix_(rows, cols)] = _ZONE_COLOURS[zid]
+        in_cols = (xs >= x0) & (xs <= x1)
+        in_rows = (ys >= y0) & (ys <= y1)
+        img[np.ix_(in_rows, in_cols)] = _ZONE_COLOURS[zid]
 
     rx, ry = float(core.x[i]), float(core.y[i])
     th = math.atan2(float(core.sin_h[i]), float(core.cos_h[i]))

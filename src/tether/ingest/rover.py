@@ -361,7 +361,7 @@ class RoverPolicy:
 
         elif suffix == ".rknn":
             try:
-                from rknnlite.api import RKNNLite  # type: ignore[import-not-found]
+                from rknnlite.api import RKNNLite
             except ImportError:
                 raise RoverModelError(
                     f"{path} is an RKNN model and needs rknn-toolkit-lite2 (rknnlite), which only runs "

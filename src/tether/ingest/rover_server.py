@@ -494,7 +494,7 @@ class RoverServer:
             log.info("%s: finishing the current step, saving and stopping", signal.Signals(signum).name)
             self._stop.set()
 
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
         return previous
@@ -620,7 +620,7 @@ class RoverServer:
         cfg = self.config
         try:
             sample, rgb, depth = decode_for_network(
-                memoryview(frame), cfg.image_size, cfg.max_depth, self.limits, jpeg_fast=cfg.jpeg_fast_decode
+                frame.buffer, cfg.image_size, cfg.max_depth, self.limits, jpeg_fast=cfg.jpeg_fast_decode
             )
         except RoverCodecError as exc:
             return exc

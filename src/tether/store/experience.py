@@ -772,7 +772,10 @@ class ExperienceRepo:
 
 
 def concat_transitions(parts: Sequence[Transitions]) -> Transitions:
-    shapes = {(p.obs.shape[1:], p.obs.dtype, p.action.shape[1:], p.action.dtype) for p in parts}
+    shapes = set()
+    for p in parts:
+        obs = np.asarray(p.obs)  # read-back rows: always one array, the store keeps no Dict spaces
+        shapes.add((obs.shape[1:], obs.dtype, p.action.shape[1:], p.action.dtype))
     if len(shapes) > 1:
         raise StoreError(
             "The selected experience mixes array shapes; load one source at a time (--source KEY)."

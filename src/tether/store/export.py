@@ -92,7 +92,8 @@ def export_npz(
         spec: tuple | None = None
         for chunk in store.experience.iter_chunks(source, chunk_rows=chunk_rows, until_id=until_id):
             t = chunk.transitions
-            chunk_spec = (t.obs.shape[1:], t.obs.dtype, t.action.shape[1:], t.action.dtype)
+            obs, next_obs = np.asarray(t.obs), np.asarray(t.next_obs)  # read-back rows: arrays
+            chunk_spec = (obs.shape[1:], obs.dtype, t.action.shape[1:], t.action.dtype)
             if spec is None:
                 spec = chunk_spec
                 layout: dict[str, tuple[tuple[int, ...], Any]] = {
@@ -100,10 +101,10 @@ def export_npz(
                     "source_index": ((), np.int32),
                     "episode": ((), np.int64),
                     "step": ((), np.int64),
-                    "obs": (t.obs.shape[1:], t.obs.dtype),
+                    "obs": (obs.shape[1:], obs.dtype),
                     "action": (t.action.shape[1:], t.action.dtype),
                     "reward": ((), np.float32),
-                    "next_obs": (t.obs.shape[1:], t.obs.dtype),
+                    "next_obs": (obs.shape[1:], obs.dtype),
                     "terminated": ((), np.bool_),
                     "truncated": ((), np.bool_),
                     "created_at": ((), np.dtype("datetime64[us]")),
@@ -125,10 +126,10 @@ def export_npz(
             arrays["source_index"][sl] = np.fromiter((index[s] for s in chunk.sources[:n]), np.int32, n)
             arrays["episode"][sl] = chunk.episodes[:n]
             arrays["step"][sl] = chunk.steps[:n]
-            arrays["obs"][sl] = t.obs[:n]
+            arrays["obs"][sl] = obs[:n]
             arrays["action"][sl] = t.action[:n]
             arrays["reward"][sl] = t.reward[:n]
-            arrays["next_obs"][sl] = t.next_obs[:n]
+            arrays["next_obs"][sl] = next_obs[:n]
             arrays["terminated"][sl] = t.terminated[:n]
             arrays["truncated"][sl] = t.truncated[:n]
             arrays["created_at"][sl] = np.array(
