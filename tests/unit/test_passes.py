@@ -329,7 +329,13 @@ def test_dqn_dueling_head_trains_through_autograd() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"ent_coef": 0.1, "prioritized": True}, {"max_grad_norm": 0.5}, {"normalize_obs": True}],
+    [
+        {},
+        {"ent_coef": 0.1, "prioritized": True},
+        {"max_grad_norm": 0.5},
+        {"normalize_obs": True},
+        {"normalize_obs": True, "angle_obs": [1]},
+    ],
 )
 def test_sac_manual_update_matches_autograd(overrides: dict) -> None:
     obs = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)

@@ -162,6 +162,31 @@ def test_observation_normalisation_is_baked_into_the_policy() -> None:
     )
 
 
+def test_angle_observations_reach_the_networks_as_sine_and_cosine() -> None:
+    sac = _learner(normalize_obs=True, angle_obs=[2])
+    assert sac.net_obs_dim == 4 and sac._numpy_acting is None
+    rng = np.random.default_rng(6)
+    batch = _random_batch(rng, 256)
+    sac.observe(batch)
+    sac.update()
+    # The normaliser saw (x0, x1, sin x2, cos x2), never the raw angle.
+    x = batch.obs
+    feats = np.stack([x[:, 0], x[:, 1], np.sin(x[:, 2]), np.cos(x[:, 2])], axis=1)
+    np.testing.assert_allclose(sac.norm.mean.numpy(), feats.mean(0), atol=1e-4)
+    # Headings a full turn apart are one heading, to the learner and to the exported policy.
+    obs = x[:8].copy()
+    turned = obs.copy()
+    turned[:, 2] += 2 * np.pi
+    det = sac.act(obs, explore=False).action
+    np.testing.assert_allclose(sac.act(turned, explore=False).action, det, rtol=1e-5, atol=1e-5)
+    policy = sac.policy()
+    np.testing.assert_allclose(policy(torch.as_tensor(obs)).numpy(), det, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(policy(torch.as_tensor(turned)).numpy(), det, rtol=1e-5, atol=1e-5)
+    for bad in ([3], [2, 2]):
+        with pytest.raises(ConfigError, match="angle_obs"):
+            _learner(angle_obs=bad)
+
+
 def test_build_refuses_unsuitable_spaces() -> None:
     with pytest.raises(ConfigError):
         build(Config(), OBS, gym.spaces.Discrete(3), "cpu", 0)

@@ -37,7 +37,7 @@ from tether.algos.passes import MlpPasses, Precision, Tape, matmul_dtype
 from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
-from tether.nets import ACTIVATIONS, RunningNorm, mlp
+from tether.nets import ACTIVATIONS, AngleFeatures, RunningNorm, mlp
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
@@ -78,6 +78,10 @@ class Config(BaseModel):
     max_grad_norm: float | None = Field(None, gt=0.0)
     anneal_lr: bool = Field(False, description="decay the learning rate linearly to 0 over total_steps")
     normalize_obs: bool = Field(False, description="running mean/std normalisation of observations")
+    angle_obs: list[int] = Field(
+        default_factory=list,
+        description="observation indices that hold angles in radians; the networks see their sine and cosine",
+    )
     precision: Precision = Field(
         "float32",
         description="dtype of the hidden-to-hidden matrix products: float32, bfloat16, or auto "
@@ -168,19 +172,28 @@ def _squashed_parts(
 
 
 class SquashedPolicy(nn.Module):
-    """Deterministic export: raw observation → tanh(mean) scaled to the env's bounds."""
+    """Deterministic export: raw observation → (angle features, normalisation) → tanh(mean) scaled
+    to the env's bounds."""
 
     action_center: torch.Tensor
     action_scale: torch.Tensor
 
-    def __init__(self, actor: Actor, norm: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
+    def __init__(
+        self,
+        actor: Actor,
+        norm: nn.Module,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        features: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.actor, self.norm = actor, norm
+        self.actor, self.norm, self.features = actor, norm, features or nn.Identity()
         self.register_buffer("action_center", (high + low) / 2)
         self.register_buffer("action_scale", (high - low) / 2)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.actor(self.norm(obs.reshape(obs.shape[0], -1).float()))
+        feats = self.features(obs.reshape(obs.shape[0], -1).float())
+        mean, _ = self.actor(self.norm(feats))
         return self.action_center + self.action_scale * torch.tanh(mean)
 
 
@@ -211,6 +224,17 @@ class SAC(ReplayLearner):
         self.observation_space, self.action_space = observation_space, action_space
         self.device = torch.device(device)
         self.obs_dim = int(np.prod(observation_space.shape))
+        # Raw observation → what the normaliser and the networks see (angles as sine and cosine).
+        self.features: nn.Module = nn.Identity()
+        self.net_obs_dim = self.obs_dim
+        if c.angle_obs:
+            if len(observation_space.shape) != 1:
+                raise ConfigError("training.angle_obs needs a flat Box observation space")
+            try:
+                angles = AngleFeatures(self.obs_dim, c.angle_obs)
+            except ValueError as exc:
+                raise ConfigError(f"training.angle_obs: {exc}") from None
+            self.features, self.net_obs_dim = angles.to(self.device), angles.out_dim
         self.act_dim = int(np.prod(action_space.shape))
         self.act_shape = tuple(action_space.shape)
         low = torch.as_tensor(action_space.low, dtype=torch.float32).reshape(-1)
@@ -219,14 +243,15 @@ class SAC(ReplayLearner):
         self.rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(seed)
-            self.actor = Actor(self.obs_dim, self.act_dim, c.actor_fc_layers, c.activation).to(self.device)
-            self.critic = TwinQ(self.obs_dim, self.act_dim, c.critic_fc_layers, c.activation).to(self.device)
+            dims = (self.net_obs_dim, self.act_dim)
+            self.actor = Actor(*dims, c.actor_fc_layers, c.activation).to(self.device)
+            self.critic = TwinQ(*dims, c.critic_fc_layers, c.activation).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self._actor_params: list[torch.Tensor] = list(self.actor.parameters())
         self._critic_params: list[torch.Tensor] = list(self.critic.parameters())
         self._target_params: list[torch.Tensor] = list(self.critic_target.parameters())
         self.norm: nn.Module = (
-            RunningNorm((self.obs_dim,)).to(self.device) if c.normalize_obs else nn.Identity()
+            RunningNorm((self.net_obs_dim,)).to(self.device) if c.normalize_obs else nn.Identity()
         )
         self.log_alpha = torch.tensor(math.log(c.ent_coef_init), device=self.device, requires_grad=True)
         self.target_entropy = -float(self.act_dim) if c.target_entropy == "auto" else float(c.target_entropy)
@@ -244,7 +269,7 @@ class SAC(ReplayLearner):
         if self._passes is not None:
             self.log_alpha.grad = torch.zeros_like(self.log_alpha)
         # Acting on raw observations on the CPU runs the actor in numpy (see forward_numpy).
-        raw_cpu = self.device.type == "cpu" and not c.normalize_obs
+        raw_cpu = self.device.type == "cpu" and not (c.normalize_obs or c.angle_obs)
         self._numpy_acting = self._passes[0] if self._passes is not None and raw_cpu else None
         self._init_replay("sac", observation_space, action_space, seed, total_steps)
 
@@ -254,7 +279,7 @@ class SAC(ReplayLearner):
 
     def _obs(self, obs: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = obs if isinstance(obs, torch.Tensor) else self._tensor(obs)
-        return self.norm(t.reshape(t.shape[0], -1).float())
+        return self.norm(self.features(t.reshape(t.shape[0], -1).float()))
 
     def act(self, obs: np.ndarray, explore: bool = True) -> ActOut:
         obs = np.asarray(obs)
@@ -290,7 +315,10 @@ class SAC(ReplayLearner):
     def observe(self, batch: Transitions) -> None:
         self._count(batch)
         if self.config.normalize_obs:
-            cast(RunningNorm, self.norm).update(np.asarray(batch.obs).reshape(len(batch), -1))
+            with torch.no_grad():
+                raw = torch.as_tensor(np.asarray(batch.obs), dtype=torch.float32, device=self.device)
+                feats = self.features(raw.reshape(len(batch), -1))
+            cast(RunningNorm, self.norm).update(feats.cpu().numpy())
 
     # ------------------------------------------------------------------------ learning
     def update(self) -> dict[str, float]:
@@ -421,7 +449,7 @@ class SAC(ReplayLearner):
         grad_q_pi = torch.zeros_like(q_pi).scatter_(0, lower.unsqueeze(0), -1.0 / batch)
         grad_input = critic.backward(q_tape, grad_q_pi.unsqueeze(-1), weights=False, inputs=True)
         grad_input = cast(torch.Tensor, grad_input)  # a tensor whenever inputs=True
-        grad_pi = grad_input[..., self.obs_dim :].sum(0)
+        grad_pi = grad_input[..., self.net_obs_dim :].sum(0)
         grad_u = grad_pi.mul_(1.0 - pi_action * pi_action).add_((2.0 / batch) * alpha * pi_action)
         inside = (raw_log_std >= LOG_STD_MIN) & (raw_log_std <= LOG_STD_MAX)
         grad_log_std = (grad_u * std * noise - alpha / batch) * inside
@@ -454,13 +482,15 @@ class SAC(ReplayLearner):
 
     # ------------------------------------------------------------------------ export / state
     def policy(self) -> nn.Module:
-        """tanh(mean) scaled to the action bounds, for raw observations (normalisation inside)."""
+        """tanh(mean) scaled to the action bounds, for raw observations (features and
+        normalisation inside)."""
         return (
             SquashedPolicy(
                 copy.deepcopy(self.actor).cpu(),
                 copy.deepcopy(self.norm).cpu(),
                 self.center.cpu() - self.half.cpu(),
                 self.center.cpu() + self.half.cpu(),
+                copy.deepcopy(self.features).cpu(),
             )
             .eval()
             .requires_grad_(False)
