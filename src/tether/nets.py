@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 
+from tether.config import ConfigError
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU}
 
 Obs = torch.Tensor | dict[str, torch.Tensor]
@@ -123,6 +125,18 @@ class AngleFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = x[..., self.angles]
         return torch.cat([x[..., self.keep], torch.sin(a), torch.cos(a)], dim=-1)
+
+
+def angle_features(observation_space: gym.Space, angle_indices: list[int]) -> AngleFeatures:
+    """`AngleFeatures` for a learner's `training.angle_obs`: a `ConfigError` naming the key when the
+    space is not a flat Box or the indices do not fit it."""
+    shape = observation_space.shape or ()
+    if not isinstance(observation_space, gym.spaces.Box) or len(shape) != 1:
+        raise ConfigError("training.angle_obs needs a flat Box observation space")
+    try:
+        return AngleFeatures(shape[0], angle_indices)
+    except ValueError as exc:
+        raise ConfigError(f"training.angle_obs: {exc}") from None
 
 
 class RunningNorm(nn.Module):

@@ -21,8 +21,7 @@ from tether.algos.base import ActOut, Transitions
 from tether.algos.optim import adam, clip_grad_norm, flush_denormals
 from tether.buffers.returns import gae
 from tether.buffers.rollout import RolloutBuffer, flatten_obs
-from tether.config import ConfigError
-from tether.nets import ActorCritic, AngleFeatures, MlpActorCritic, Obs, RunningNorm
+from tether.nets import ActorCritic, AngleFeatures, MlpActorCritic, Obs, RunningNorm, angle_features
 
 
 class Config(BaseModel):
@@ -111,12 +110,7 @@ class PPO:
         self.features: AngleFeatures | None = None
         net_obs_shape: tuple[int, ...] = observation_space.shape or ()  # None for a Dict space
         if config.angle_obs:
-            if not (flat_obs and len(net_obs_shape) == 1):
-                raise ConfigError("training.angle_obs needs a flat Box observation space")
-            try:
-                self.features = AngleFeatures(net_obs_shape[0], config.angle_obs).to(self.device)
-            except ValueError as exc:
-                raise ConfigError(f"training.angle_obs: {exc}") from None
+            self.features = angle_features(observation_space, config.angle_obs).to(self.device)
             net_obs_shape = (self.features.out_dim,)
         if actor_critic is None:
             if not flat_obs:

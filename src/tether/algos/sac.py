@@ -37,7 +37,7 @@ from tether.algos.passes import MlpPasses, Precision, Tape, matmul_dtype
 from tether.buffers.replay import TensorSample
 from tether.checkpoint import generator_state, set_generator_state
 from tether.config import ConfigError
-from tether.nets import ACTIVATIONS, AngleFeatures, RunningNorm, mlp
+from tether.nets import ACTIVATIONS, RunningNorm, angle_features, mlp
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
@@ -179,15 +179,10 @@ class SquashedPolicy(nn.Module):
     action_scale: torch.Tensor
 
     def __init__(
-        self,
-        actor: Actor,
-        norm: nn.Module,
-        low: torch.Tensor,
-        high: torch.Tensor,
-        features: nn.Module | None = None,
+        self, actor: Actor, features: nn.Module, norm: nn.Module, low: torch.Tensor, high: torch.Tensor
     ) -> None:
         super().__init__()
-        self.actor, self.norm, self.features = actor, norm, features or nn.Identity()
+        self.actor, self.features, self.norm = actor, features, norm
         self.register_buffer("action_center", (high + low) / 2)
         self.register_buffer("action_scale", (high - low) / 2)
 
@@ -228,12 +223,7 @@ class SAC(ReplayLearner):
         self.features: nn.Module = nn.Identity()
         self.net_obs_dim = self.obs_dim
         if c.angle_obs:
-            if len(observation_space.shape) != 1:
-                raise ConfigError("training.angle_obs needs a flat Box observation space")
-            try:
-                angles = AngleFeatures(self.obs_dim, c.angle_obs)
-            except ValueError as exc:
-                raise ConfigError(f"training.angle_obs: {exc}") from None
+            angles = angle_features(observation_space, c.angle_obs)
             self.features, self.net_obs_dim = angles.to(self.device), angles.out_dim
         self.act_dim = int(np.prod(action_space.shape))
         self.act_shape = tuple(action_space.shape)
@@ -487,10 +477,10 @@ class SAC(ReplayLearner):
         return (
             SquashedPolicy(
                 copy.deepcopy(self.actor).cpu(),
+                copy.deepcopy(self.features).cpu(),
                 copy.deepcopy(self.norm).cpu(),
                 self.center.cpu() - self.half.cpu(),
                 self.center.cpu() + self.half.cpu(),
-                copy.deepcopy(self.features).cpu(),
             )
             .eval()
             .requires_grad_(False)
