@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
             # Big pages for a new file (no effect on an existing one): experience rows are ~300
             # bytes and appended in bulk; 64 KiB pages insert ~20% faster than the default 4 KiB.
             cur.execute("PRAGMA page_size=65536")
-            cur.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cur)
             # FULL: a commit is on disk when it returns, so "reported committed" survives power loss.
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -179,6 +180,26 @@ def _install_sqlite_hooks(engine: Engine) -> None:
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get("tether_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enable_wal(cur: sqlite3.Cursor, wait_s: float = 30.0) -> None:
+    """Switch the file to WAL, waiting like busy_timeout would for other openers of a fresh file.
+
+    SQLite answers "database is locked" at once, without calling the busy handler, when another
+    connection is converting the same new file to WAL at that moment; four threads opening one
+    fresh database hit this about one time in twenty.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 0.001
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def describe_error(exc: BaseException, url: URL) -> StoreError:
