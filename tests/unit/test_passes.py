@@ -16,7 +16,15 @@ from tether.algos import dqn as dqn_algo
 from tether.algos import sac as sac_algo
 from tether.algos.base import Transitions
 from tether.algos.optim import adam, adam_step, clip_grads
-from tether.algos.passes import LOW_PRECISION_ROWS, MlpPasses, Tape, has_native_bf16, matmul_dtype
+from tether.algos.passes import (
+    LOW_PRECISION_ROWS,
+    MlpPasses,
+    Tape,
+    fused_bf16_products,
+    has_amx,
+    has_native_bf16,
+    matmul_dtype,
+)
 from tether.algos.sac import EnsembleLinear, TwinQ
 from tether.nets import mlp
 
@@ -82,16 +90,22 @@ def test_forward_and_backward_match_autograd_in_float32(kind: str) -> None:
     torch.testing.assert_close(grad_in, ref_in)
 
 
+NO_AMX = pytest.mark.skipif(not has_amx(torch.device("cpu")), reason="this CPU has no AMX tiles")
+
+
+@pytest.mark.parametrize("route", ["casts", pytest.param("fused", marks=NO_AMX)])
 @pytest.mark.parametrize("kind", ["relu", "twin", "ensemble"])
-def test_bfloat16_products_stay_close_to_float32(kind: str) -> None:
+def test_bfloat16_products_stay_close_to_float32(kind: str, route: str) -> None:
     net = NETS[kind]()
     reference = copy.deepcopy(net)
     x = _input(net, rows=LOW_PRECISION_ROWS + 8)
     passes = MlpPasses(net, torch.bfloat16)
+    passes.fused = route == "fused"
     passes.allocate_grads()
     tape = Tape()
     out = passes.forward(x, tape)
-    assert tape.low, "the hidden-to-hidden product should have run in bfloat16"
+    # The casting route keeps its rounded operands; the fused one rounds inside the kernel.
+    assert bool(tape.low) == (route == "casts")
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference(x), **LOOSE)
     grad_out = torch.randn_like(out)
@@ -101,6 +115,19 @@ def test_bfloat16_products_stay_close_to_float32(kind: str) -> None:
         assert ours.dtype == torch.float32
         # Rounding errors compound towards the first layer (and near-zero units may flip).
         assert torch.linalg.vector_norm(ours - theirs) <= 0.1 * torch.linalg.vector_norm(theirs) + 1e-6
+
+
+@NO_AMX
+def test_fused_products_multiply_bfloat16_rounded_inputs_and_only_inside_the_block() -> None:
+    a, b = torch.randn(64, 256), torch.randn(256, 256)
+    exact = torch.mm(a, b)
+    rounded = torch.mm(a.bfloat16().float(), b.bfloat16().float())
+    assert not torch.allclose(exact, rounded, rtol=1e-4, atol=1e-4)
+    with fused_bf16_products():
+        torch.testing.assert_close(torch.mm(a, b), rounded, rtol=1e-5, atol=1e-5)
+        ensemble = torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))
+        torch.testing.assert_close(ensemble, rounded.expand(2, -1, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.mm(a, b), exact, rtol=0, atol=0)
 
 
 def test_small_batches_and_first_and_last_layers_stay_float32() -> None:
