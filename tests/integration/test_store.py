@@ -246,7 +246,7 @@ def test_concurrent_first_open_migrates_once(fresh_url):
 
 def test_many_openers_of_new_sqlite_files_never_see_a_lock(tmp_path):
     # SQLite refuses a second WAL conversion of a new file at once ("database is locked", no busy
-    # wait); one round of four openers hit it about one time in fourteen before the store retried.
+    # wait); rounds of four openers hit it 7 times in 100 before the store retried.
     errors: list[BaseException] = []
 
     def opener(url: str) -> None:

@@ -187,7 +187,7 @@ def _enable_wal(cur: sqlite3.Cursor, wait_s: float = 30.0) -> None:
 
     SQLite answers "database is locked" at once, without calling the busy handler, when another
     connection is converting the same new file to WAL at that moment; four threads opening one
-    fresh database hit this about one time in twenty.
+    fresh database through the store hit this in 7 rounds of 100.
     """
     deadline = time.monotonic() + wait_s
     delay = 0.001
