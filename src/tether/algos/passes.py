@@ -17,7 +17,7 @@ layer (Q-values, action means) stay float32. With AMX the rounding happens insid
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,10 +38,12 @@ NARROW = 16
 def has_native_bf16(device: torch.device) -> bool:
     """Whether bfloat16 products are faster than float32 ones here: a CPU with AMX tiles (about
     4× for a 256-wide layer) or with AVX-512 BF16 dot products (about 2×)."""
-    if device.type != "cpu":
-        return False
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return has_amx(device) or _cpu_has(device, "_is_avx512_bf16_supported")
+
+
+def _cpu_has(device: torch.device, probe: str) -> bool:
+    """A `torch.cpu` feature probe for a CPU device (False on other devices or older torch)."""
+    return device.type == "cpu" and bool(getattr(torch.cpu, probe, lambda: False)())
 
 
 def matmul_dtype(precision: Precision, device: torch.device) -> torch.dtype:
@@ -55,7 +57,7 @@ def matmul_dtype(precision: Precision, device: torch.device) -> torch.dtype:
 def has_amx(device: torch.device) -> bool:
     """Whether this is a CPU with AMX tiles, where oneDNN can round a float32 product's inputs to
     bfloat16 inside the kernel (`fused_bf16_products`)."""
-    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return _cpu_has(device, "_is_amx_tile_supported")
 
 
 @contextmanager
@@ -146,10 +148,7 @@ class MlpPasses:
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if tape is not None:
                 tape.inputs.append(x)
-            if self.fused and self._is_low(i, x):
-                with fused_bf16_products():
-                    x = self._product(w, b, x)
-            elif self._is_low(i, x):
+            if self._is_low(i, x) and not self.fused:
                 # Cast on every call: fused optimizer kernels write weights without bumping their
                 # version counter, so a cached cast could not tell that it went stale.
                 x_low, w_low = x.to(self.dtype), w.to(self.dtype)
@@ -158,7 +157,8 @@ class MlpPasses:
                 product = torch.bmm(x_low, w_low) if self.ensemble else torch.mm(x_low, w_low.t())
                 x = product.float().add_(b)
             else:
-                x = self._product(w, b, x)
+                with self._product_mode(i, x):
+                    x = self._product(w, b, x)
             if i < last:
                 x = x.relu_() if self.relu else x.tanh_()
         return x
@@ -197,7 +197,7 @@ class MlpPasses:
                     self._bias_grad(i, grad)
                 grad = self._input_grad(w_low, g_low).float()
             else:
-                with fused_bf16_products() if self.fused and self._is_low(i, x) else nullcontext():
+                with self._product_mode(i, x):
                     if weights:
                         self._weight_grad(x, grad, self._grad(2 * i))
                         self._bias_grad(i, grad)
@@ -211,6 +211,11 @@ class MlpPasses:
     def _is_low(self, i: int, x: torch.Tensor) -> bool:
         """Whether layer `i` multiplies input `x` (a batch, not a few rows) in reduced precision."""
         return self.low[i] and x.shape[-2] >= LOW_PRECISION_ROWS
+
+    def _product_mode(self, i: int, x: torch.Tensor) -> AbstractContextManager[None]:
+        """Where layer `i`'s float32 products on `x` run: oneDNN's bf16 mode for a reduced-precision
+        layer on the fused route, plain float32 otherwise."""
+        return fused_bf16_products() if self.fused and self._is_low(i, x) else nullcontext()
 
     # The products (of float32 operands, or of a reduced-precision layer's rounded ones). A narrow
     # side (at most NARROW units: a Q-head, an action head, a network's few inputs) can send the

@@ -31,6 +31,8 @@ DEFAULT_DB_FILE = "tether.db"
 # Our own version table, so a database shared with another Alembic user never collides.
 VERSION_TABLE = "tether_alembic_version"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# How long an SQLite connection waits for another process's lock before it reports one.
+SQLITE_LOCK_WAIT_S = 30.0
 # Serialises concurrent first-time migrations of one PostgreSQL database (any constant works).
 _MIGRATION_LOCK_KEY = 0x7E7E_0004
 # The newest migration in migrations/versions (a test checks it matches Alembic's own head), so
@@ -138,7 +140,7 @@ def create_store_engine(url: URL) -> Engine:
                     f"choose a writable path with --db or {ENV_DATA_DIR}."
                 ) from None
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30.0}, pool_pre_ping=False
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_LOCK_WAIT_S}, pool_pre_ping=False
         )
         _install_sqlite_hooks(engine)
         return engine
@@ -163,7 +165,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         try:
             # First, so every pragma below (WAL needs a lock on a fresh file) waits for other openers.
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_LOCK_WAIT_S * 1000)}")
             # Big pages for a new file (no effect on an existing one): experience rows are ~300
             # bytes and appended in bulk; 64 KiB pages insert ~20% faster than the default 4 KiB.
             cur.execute("PRAGMA page_size=65536")
@@ -182,7 +184,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _enable_wal(cur: sqlite3.Cursor, wait_s: float = 30.0) -> None:
+def _enable_wal(cur: sqlite3.Cursor, wait_s: float = SQLITE_LOCK_WAIT_S) -> None:
     """Switch the file to WAL, waiting like busy_timeout would for other openers of a fresh file.
 
     SQLite answers "database is locked" at once, without calling the busy handler, when another
@@ -222,8 +224,9 @@ def describe_error(exc: BaseException, url: URL) -> StoreError:
             )
         if "locked" in low or "busy" in low:
             return StoreError(
-                f"The SQLite database {path} stayed locked by another process for 30 s; "
-                "stop the other writer or use PostgreSQL for many concurrent writers."
+                f"The SQLite database {path} stayed locked by another process for "
+                f"{SQLITE_LOCK_WAIT_S:g} s; stop the other writer or use PostgreSQL for many "
+                "concurrent writers."
             )
         return StoreError(f"SQLite database {path} failed: {msg.splitlines()[0]}.")
     host = url.host or "localhost (unix socket)"
