@@ -11,7 +11,8 @@ process (the steadier figure on a shared machine).
 
 Tether runs twice per case: with `training.precision=float32` (the default: the same arithmetic
 as SB3) and with `training.precision=auto` (bfloat16 hidden-to-hidden products on a CPU with AMX
-or AVX-512 BF16, float32 elsewhere; see docs/offpolicy.md). Both ratios are printed.
+or AVX-512 BF16, float32 elsewhere; see docs/offpolicy.md). Both ratios are printed; on a CPU
+where `auto` is float32 the second run would repeat the first, so only the float32 one runs.
 
 After each case it prints the ceiling the arithmetic sets: the time of the step's 256-wide
 hidden-layer products alone (float32 and bfloat16, timed on their own, so a generous figure),
@@ -179,21 +180,23 @@ def main() -> None:
     parser.add_argument("--only", choices=["dqn", "sac"], default=None)
     parser.add_argument("--dqn-steps", type=int, default=20_000)
     parser.add_argument("--sac-steps", type=int, default=3_000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for both sides (tether train uses up to 2)"
+    )
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warm_up()
     native = has_native_bf16(torch.device("cpu"))
-    print(
-        f"torch {torch.__version__}, {args.threads} thread(s), CPU; precision=auto multiplies in "
-        f"{'bfloat16 (AMX or AVX-512 BF16)' if native else 'float32 (no native bfloat16 here)'}"
-    )
+    auto = "bfloat16 (AMX or AVX-512 BF16)" if native else "float32 (no native bfloat16): float32 runs alone"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU; precision=auto multiplies in {auto}")
+
+    precisions = ("float32", "auto") if native else ("float32",)
 
     def variants(preset: str, steps: int, extra: list[str]) -> dict[str, Any]:
         return {
             p: lambda p=p: tether_run(preset, steps, args.threads, [*extra, f"training.precision={p}"])
-            for p in ("float32", "auto")
+            for p in precisions
         }
 
     if args.only in (None, "dqn"):

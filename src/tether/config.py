@@ -49,6 +49,16 @@ class ScheduleConfig(BaseModel):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(1, ge=1, description="updates between metric rows")
     eval_episodes: int = Field(100, ge=1, description="episodes for the final evaluation")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="env steps between greedy evaluations during training (none: no such evaluations)",
+    )
+    eval_every_episodes: int = Field(10, ge=1, description="episodes of each evaluation during training")
+    stop_at_return: float | None = Field(
+        None,
+        description="stop once an evaluation during training reaches this mean return (needs eval_every)",
+    )
 
 
 class JobConfig(BaseModel):
@@ -171,6 +181,11 @@ def build_config(data: dict[str, Any]) -> JobConfig:
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, "training")) from None
     validate_environment(job.environment, job.rewards)
+    if job.schedule.stop_at_return is not None and job.schedule.eval_every is None:
+        raise ConfigError(
+            "schedule.stop_at_return needs schedule.eval_every, the env steps between the evaluations "
+            "that check it."
+        )
     return job
 
 

@@ -34,6 +34,7 @@ from tether.checkpoint import (
 )
 from tether.config import ConfigError, JobConfig, build_config, dump_config
 from tether.envs import final_observations, make_vector_env
+from tether.evaluate import evaluate
 from tether.metrics import (
     CONFIG_UPDATED,
     METRICS_UPDATE,
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "tether-checkpoint"
 CHECKPOINT_VERSION = 1
 MAX_EPISODES_PER_ROW = 500
+# First episode seed of the evaluations during training; `evaluate` and `tether eval` start at 10,000.
+EVAL_DURING_TRAINING_SEED = 20_000
 
 
 @dataclass
@@ -61,6 +64,8 @@ class TrainResult:
     checkpoint: Path | None
     last_metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # The env step at which an evaluation during training reached `schedule.stop_at_return`.
+    reached_target_at: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,6 +172,7 @@ class Trainer:
         )
         self.learner: Learner | None = None
         self.tracker: EpisodeTracker | None = None
+        self.reached_target_at: int | None = None
         self._spaces: dict[str, Any] = {}
 
     # --- control, from any thread ---------------------------------------------------------
@@ -233,9 +239,17 @@ class Trainer:
             self._answer_pending_saves(checkpoint)
             status = "stopped" if self._stop.is_set() else "finished"
             self.status = status
-            self._emit_status(status, checkpoint=str(checkpoint))
+            extra = {} if self.reached_target_at is None else {"reached_target_at": self.reached_target_at}
+            self._emit_status(status, checkpoint=str(checkpoint), **extra)
             return TrainResult(
-                self.run_dir, status, self.steps, self.updates, self.tracker.episodes, checkpoint, last
+                self.run_dir,
+                status,
+                self.steps,
+                self.updates,
+                self.tracker.episodes,
+                checkpoint,
+                last,
+                reached_target_at=self.reached_target_at,
             )
         except Exception as exc:
             self.status = "error"
@@ -259,7 +273,9 @@ class Trainer:
         row_start, row_steps = time.perf_counter(), self.steps
         last: dict[str, Any] = {}
         learn_metrics: dict[str, float] = {}
-        while self.steps < total and not self._stop.is_set():
+        every = cfg.schedule.eval_every
+        next_eval = (self.steps // every + 1) * every if every else 0
+        while self.steps < total and not self._stop.is_set() and self.reached_target_at is None:
             self._service_requests()
             t0 = time.perf_counter()
             out = learner.act(obs)
@@ -288,16 +304,51 @@ class Trainer:
                 learn_metrics = learner.update()
                 self.updates += 1
                 t_learn += time.perf_counter() - t3
-                if self.updates % cfg.schedule.log_every == 0:
+                evaluation: dict[str, float] = {}
+                if every and self.steps >= next_eval:
+                    t_eval = time.perf_counter()
+                    evaluation = self._evaluate_during_training()
+                    next_eval = (self.steps // every + 1) * every
+                    row_start += time.perf_counter() - t_eval  # the row's steps/s leaves it out
+                if self.updates % cfg.schedule.log_every == 0 or evaluation:
                     now = time.perf_counter()
                     elapsed = max(now - row_start, 1e-9)
                     last = self._row(learn_metrics, (self.steps - row_steps) / elapsed, t_env, t_act, t_learn)
+                    last.update(evaluation)
                     self.bus.emit(METRICS_UPDATE, last)
                     t_env = t_act = t_learn = 0.0
                     row_start, row_steps = now, self.steps
                 if self.updates % cfg.schedule.checkpoint_every == 0:
                     self.save()
         return last
+
+    def _evaluate_during_training(self) -> dict[str, float]:
+        """Greedy evaluation of the current policy for the metrics row (`eval/` keys); marks the
+        target reached when `schedule.stop_at_return` is met. Its episodes are seeded apart from
+        the final evaluation's, so reaching the target is not judged on the episodes that report
+        the final score."""
+        assert self.learner is not None
+        schedule = self.config.schedule
+        result = evaluate(
+            self.learner, self.config, schedule.eval_every_episodes, seed=EVAL_DURING_TRAINING_SEED
+        )
+        row = {
+            "eval/mean_return": result.mean_return,
+            "eval/std_return": result.std_return,
+            "eval/mean_length": result.mean_length,
+        }
+        if result.success_rate is not None:
+            row["eval/success_rate"] = result.success_rate
+        if schedule.stop_at_return is not None and result.mean_return >= schedule.stop_at_return:
+            self.reached_target_at = self.steps
+            log.info(
+                "mean return %.2f over %d episodes reached schedule.stop_at_return=%g at step %d; stopping",
+                result.mean_return,
+                result.episodes,
+                schedule.stop_at_return,
+                self.steps,
+            )
+        return row
 
     def _row(
         self, learn: dict[str, float], sps: float, t_env: float, t_act: float, t_learn: float

@@ -44,6 +44,8 @@ JOB: dict[str, Any] = {
         "training.num_epochs=1",
         "training.batch_size=64",
         "schedule.checkpoint_every=1000",
+        "schedule.eval_every=256",
+        "schedule.eval_every_episodes=2",
     ],
 }
 
@@ -110,6 +112,8 @@ def test_dashboard_follows_a_real_run_and_stops_it(browser: Any, tmp_path: Path)
         assert wait_for(lambda: text("status") == "started", what="status 'started'")
         assert text("run-id") == run_id
         assert browser.find_elements(By.CSS_SELECTOR, "#metrics-table tbody tr")
+        # The greedy evaluations every 256 steps show their mean return (CartPole: at least 8).
+        assert float(wait_for(lambda: text("stat-eval").replace("–", ""), what="an eval return")) >= 8
         # The JS state agrees with the attribute and keeps at most 500 points per series.
         state = browser.execute_script("return window.tetherDashboard.state.reward.x.length")
         assert 0 < state <= 500

@@ -62,6 +62,46 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, cartpole_overrides
         Trainer(_config(cartpole_overrides), tmp_path / "empty", resume=True).run()
 
 
+def _final_weights(run):
+    return load_checkpoint(run / "final.pt")["learner"]["net"]
+
+
+def test_evaluations_during_training_are_logged_and_leave_training_unchanged(tmp_path, cartpole_overrides):
+    evaluated = ["schedule.eval_every=256", "schedule.eval_every_episodes=3"]
+    result = Trainer(_config(cartpole_overrides, evaluated), tmp_path / "eval").run()
+    Trainer(_config(cartpole_overrides), tmp_path / "plain").run()
+    assert result.status == "finished" and result.steps == 1024 and result.reached_target_at is None
+    events = read_jsonl(tmp_path / "eval" / "metrics.jsonl")
+    rows = [e["data"] for e in events if e["type"] == "metrics_update"]
+    scored = [r for r in rows if "eval/mean_return" in r]
+    assert [r["step"] for r in scored] == [256, 512, 768, 1024]
+    for row in scored:  # CartPole pays 1 per step, so a greedy episode's return is its length
+        assert row["eval/mean_return"] == row["eval/mean_length"] >= 8
+        assert row["eval/std_return"] >= 0 and "train/policy_loss" in row
+    # Greedy evaluation draws nothing from the training's random streams: the same weights.
+    trained, plain = _final_weights(tmp_path / "eval"), _final_weights(tmp_path / "plain")
+    assert trained.keys() == plain.keys()
+    assert all(torch.equal(trained[k], plain[k]) for k in trained)
+
+
+def test_stop_at_return_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, cartpole_overrides):
+    target = ["schedule.eval_every=256", "schedule.eval_every_episodes=2", "schedule.stop_at_return=1"]
+    bus = MetricsBus()
+    result = Trainer(_config(cartpole_overrides, target), tmp_path / "run", bus=bus).run()
+    assert result.status == "finished" and result.reached_target_at == 256 and result.steps == 256
+    assert (tmp_path / "run" / "final.pt").is_file()
+    assert load_checkpoint(tmp_path / "run" / "final.pt")["trainer"]["steps"] == 256
+    final = bus.history("training_status")[-1]["data"]
+    assert final["status"] == "finished" and final["reached_target_at"] == 256
+
+
+def test_stop_at_return_without_evaluations_is_a_clear_error(cartpole_overrides):
+    with pytest.raises(ConfigError, match=r"needs schedule\.eval_every"):
+        _config(cartpole_overrides, ["schedule.stop_at_return=100"])
+    with pytest.raises(ConfigError, match=r"schedule\.eval_every.*greater than or equal to 1"):
+        _config(cartpole_overrides, ["schedule.eval_every=0", "schedule.stop_at_return=100"])
+
+
 def test_controls_from_another_thread(tmp_path, cartpole_overrides):
     config = _config(cartpole_overrides, ["schedule.total_steps=10000000"])
     bus = MetricsBus()

@@ -160,6 +160,11 @@ def train(
     console.print(
         f"Run [bold]{result.status}[/] at step {result.steps:,} after {result.updates} updates: {run_dir}"
     )
+    if result.reached_target_at is not None:
+        console.print(
+            f"An evaluation at step {result.reached_target_at:,} reached schedule.stop_at_return="
+            f"{config.schedule.stop_at_return:g}, so training stopped there."
+        )
     episodes = config.schedule.eval_episodes if evaluate_episodes is None else evaluate_episodes
     if episodes > 0 and trainer.learner is not None:
         with console.status(f"Evaluating the deterministic policy over {episodes} episodes…"):

@@ -167,6 +167,7 @@
     const rate = num(d["train/success_rate"]);
     if (rate !== null) $("stat-success").textContent = (100 * rate).toFixed(0) + " %";
     if (num(d["perf/sps"]) !== null) $("stat-sps").textContent = fmtInt(d["perf/sps"]);
+    if (num(d["eval/mean_return"]) !== null) $("stat-eval").textContent = fmt(d["eval/mean_return"], 2);
     state.rows.unshift(d);
     if (state.rows.length > TABLE_ROWS) state.rows.length = TABLE_ROWS;
     markDirty();
