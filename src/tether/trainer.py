@@ -323,7 +323,7 @@ class Trainer:
         return last
 
     def _evaluate_during_training(self) -> dict[str, float]:
-        """Greedy evaluation of the current policy for the metrics row (`eval/` keys); marks the
+        """Greedy evaluation of the current policy as the metrics row's `eval/` keys; marks the
         target reached when `schedule.stop_at_return` is met. Its episodes are seeded apart from
         the final evaluation's, so reaching the target is not judged on the episodes that report
         the final score."""
@@ -332,13 +332,6 @@ class Trainer:
         result = evaluate(
             self.learner, self.config, schedule.eval_every_episodes, seed=EVAL_DURING_TRAINING_SEED
         )
-        row = {
-            "eval/mean_return": result.mean_return,
-            "eval/std_return": result.std_return,
-            "eval/mean_length": result.mean_length,
-        }
-        if result.success_rate is not None:
-            row["eval/success_rate"] = result.success_rate
         if schedule.stop_at_return is not None and result.mean_return >= schedule.stop_at_return:
             self.reached_target_at = self.steps
             log.info(
@@ -348,7 +341,9 @@ class Trainer:
                 schedule.stop_at_return,
                 self.steps,
             )
-        return row
+        scores = result.to_dict()
+        del scores["episodes"]  # a setting, not a score
+        return {f"eval/{key}": value for key, value in scores.items() if value is not None}
 
     def _row(
         self, learn: dict[str, float], sps: float, t_env: float, t_act: float, t_learn: float
