@@ -114,6 +114,13 @@ def test_dashboard_follows_a_real_run_and_stops_it(browser: Any, tmp_path: Path)
         assert browser.find_elements(By.CSS_SELECTOR, "#metrics-table tbody tr")
         # The greedy evaluations every 256 steps show their mean return (CartPole: at least 8).
         assert float(wait_for(lambda: text("stat-eval").replace("–", ""), what="an eval return")) >= 8
+        # ... and join the reward chart as their own series, one point per evaluation.
+        chart = browser.find_element(By.ID, "chart-reward")
+        assert int(wait_for(lambda: int(chart.get_attribute("data-eval-points")), what="an eval point")) >= 1
+        evals = browser.execute_script(
+            "return window.tetherDashboard.state.reward.evalReturn.filter((v) => v !== null)"
+        )
+        assert evals and all(v >= 8 for v in evals)
         # The JS state agrees with the attribute and keeps at most 500 points per series.
         state = browser.execute_script("return window.tetherDashboard.state.reward.x.length")
         assert 0 < state <= 500

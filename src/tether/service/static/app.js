@@ -24,7 +24,7 @@
 
   // ---- state ------------------------------------------------------------------------------
   const state = {
-    reward: { x: [], y: [], ma: [] },
+    reward: { x: [], y: [], ma: [], evalReturn: [] },
     loss: { x: [], policy: [], value: [], entropy: [] },
     success: { x: [], y: [] },
     sps: { x: [], y: [] },
@@ -86,6 +86,8 @@
     makeChart("chart-reward", "episode", [
       { label: "reward", stroke: "rgba(70,130,180,0.45)", width: 1, spanGaps: false },
       { label: "avg (100)", stroke: "#d9480f", width: 2 },
+      // Greedy evaluations (schedule.eval_every), drawn at the episode count they came after.
+      { label: "eval", stroke: "#2b8a3e", width: 2, spanGaps: true, points: { show: true, size: 7 } },
     ]);
     makeChart(
       "chart-loss",
@@ -119,11 +121,12 @@
     if (!dirty) return;
     dirty = false;
     const r = state.reward, l = state.loss, s = state.success, p = state.sps;
-    charts["chart-reward"].setData([r.x.slice(), r.y.slice(), r.ma.slice()]);
+    charts["chart-reward"].setData([r.x.slice(), r.y.slice(), r.ma.slice(), r.evalReturn.slice()]);
     charts["chart-loss"].setData([l.x.slice(), l.policy.slice(), l.value.slice(), l.entropy.slice()]);
     charts["chart-success"].setData([s.x.slice(), s.y.slice()]);
     charts["chart-sps"].setData([p.x.slice(), p.y.slice()]);
     $("chart-reward").dataset.points = String(r.x.length);
+    $("chart-reward").dataset.evalPoints = String(r.evalReturn.filter((v) => v !== null).length);
     $("chart-loss").dataset.points = String(l.x.length);
     $("chart-success").dataset.points = String(s.y.filter((v) => v !== null).length);
     $("chart-sps").dataset.points = String(p.x.length);
@@ -145,9 +148,13 @@
       state.reward.x.push(first);
       state.reward.y.push(v);
       state.reward.ma.push(state.maSum / state.maWindow.length);
+      state.reward.evalReturn.push(null);
       state.episodeCounter = first;
       first += 1;
     }
+    const evalReturn = num(d["eval/mean_return"]);
+    const lastEpisode = state.reward.x.length - 1;
+    if (evalReturn !== null && lastEpisode >= 0) state.reward.evalReturn[lastEpisode] = evalReturn;
     const step = num(d.step);
     if (step !== null) {
       state.loss.x.push(step);
@@ -167,7 +174,7 @@
     const rate = num(d["train/success_rate"]);
     if (rate !== null) $("stat-success").textContent = (100 * rate).toFixed(0) + " %";
     if (num(d["perf/sps"]) !== null) $("stat-sps").textContent = fmtInt(d["perf/sps"]);
-    if (num(d["eval/mean_return"]) !== null) $("stat-eval").textContent = fmt(d["eval/mean_return"], 2);
+    if (evalReturn !== null) $("stat-eval").textContent = fmt(evalReturn, 2);
     state.rows.unshift(d);
     if (state.rows.length > TABLE_ROWS) state.rows.length = TABLE_ROWS;
     markDirty();
