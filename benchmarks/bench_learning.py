@@ -95,10 +95,14 @@ def report(name: str, outcome: Outcome, target: float | None = None) -> None:
     )
     if outcome.evals:
         best_step, best = max(outcome.evals, key=lambda e: e[1])
-        first = next((e for e in outcome.evals if target is not None and e[1] >= target), None)
-        reached = "" if target is None else "; never reached the target"
-        if first is not None:
-            reached = f"; first at or above the target at step {first[0]:,} ({first[1]:.1f})"
+        reached = ""
+        if target is not None:
+            first = next((e for e in outcome.evals if e[1] >= target), None)
+            reached = (
+                "; never reached the target"
+                if first is None
+                else f"; first at or above the target at step {first[0]:,} ({first[1]:.1f})"
+            )
         print(
             f"{'':<34} {len(outcome.evals)} evaluations during training: "
             f"best {best:.1f} at step {best_step:,}{reached}"

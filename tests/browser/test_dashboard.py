@@ -116,7 +116,7 @@ def test_dashboard_follows_a_real_run_and_stops_it(browser: Any, tmp_path: Path)
         assert float(wait_for(lambda: text("stat-eval").replace("–", ""), what="an eval return")) >= 8
         # ... and join the reward chart as their own series, one point per evaluation.
         chart = browser.find_element(By.ID, "chart-reward")
-        assert int(wait_for(lambda: int(chart.get_attribute("data-eval-points")), what="an eval point")) >= 1
+        wait_for(lambda: int(chart.get_attribute("data-eval-points") or 0) >= 1, what="an eval point")
         evals = browser.execute_script(
             "return window.tetherDashboard.state.reward.evalReturn.filter((v) => v !== null)"
         )
