@@ -20,10 +20,12 @@ from tether.algos.passes import (
     LOW_PRECISION_ROWS,
     MlpPasses,
     Tape,
-    fused_bf16_products,
     has_amx,
     has_native_bf16,
     matmul_dtype,
+    onednn_float32_products,
+    onednn_products,
+    x86_vendor_is_not_intel,
 )
 from tether.algos.sac import EnsembleLinear, TwinQ
 from tether.nets import mlp
@@ -75,9 +77,13 @@ def _autograd(net: nn.Sequential, x: torch.Tensor, grad_out: torch.Tensor) -> tu
 @pytest.mark.parametrize("kind", list(NETS))
 def test_forward_and_backward_match_autograd_in_float32(kind: str) -> None:
     net = NETS[kind]()
+    _assert_matches_autograd(net, MlpPasses(net))
+
+
+def _assert_matches_autograd(net: nn.Sequential, passes: MlpPasses) -> None:
+    """`passes` of `net` give autograd's output, parameter gradients and input gradient."""
     reference = copy.deepcopy(net)
     x = _input(net)
-    passes = MlpPasses(net)
     passes.allocate_grads()
     tape = Tape()
     out = passes.forward(x, tape)
@@ -123,11 +129,36 @@ def test_fused_products_multiply_bfloat16_rounded_inputs_and_only_inside_the_blo
     exact = torch.mm(a, b)
     rounded = torch.mm(a.bfloat16().float(), b.bfloat16().float())
     assert not torch.allclose(exact, rounded, rtol=1e-4, atol=1e-4)
-    with fused_bf16_products():
+    with onednn_products():
         torch.testing.assert_close(torch.mm(a, b), rounded, rtol=1e-5, atol=1e-5)
         ensemble = torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))
         torch.testing.assert_close(ensemble, rounded.expand(2, -1, -1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.mm(a, b), exact, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(has_amx(torch.device("cpu")), reason="with AMX the oneDNN mode rounds to bfloat16")
+@pytest.mark.parametrize("kind", list(NETS))
+def test_onednn_float32_route_matches_autograd(kind: str) -> None:
+    # Forced on, whatever this CPU's vendor: the route must give float32's numbers everywhere.
+    net = NETS[kind]()
+    passes = MlpPasses(net)
+    passes.onednn = [min(w.shape[-2:]) > 16 for w in passes.weights]
+    assert any(passes.onednn) and not all(passes.onednn)  # the narrow first/last layers stay out
+    _assert_matches_autograd(net, passes)
+
+
+def test_onednn_float32_route_is_chosen_by_the_cpu_and_only_for_wide_float32_layers(monkeypatch) -> None:
+    assert x86_vendor_is_not_intel("processor\t: 0\nvendor_id\t: AuthenticAMD\n")
+    assert not x86_vendor_is_not_intel("vendor_id\t: GenuineIntel\nvendor_id\t: GenuineIntel\n")
+    assert not x86_vendor_is_not_intel("")  # no vendor named (not x86, or no /proc): no route
+    assert not onednn_float32_products(torch.device("meta"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert not onednn_float32_products(torch.device("cpu"))  # there the mode means bfloat16
+    monkeypatch.undo()
+    route = onednn_float32_products(torch.device("cpu"))
+    assert MlpPasses(_plain()).onednn == [False, route, False]
+    # A bfloat16 layer casts (or, on AMX, takes the fused route): never the float32 one.
+    assert MlpPasses(_plain(), torch.bfloat16).onednn == [False, False, False]
 
 
 def test_small_batches_and_first_and_last_layers_stay_float32() -> None:

@@ -11,19 +11,27 @@ bfloat16, which CPUs with AMX multiply about 4× faster and CPUs with AVX-512 BF
 Weights, biases, activations, gradients and optimizer state stay float32; only the product's
 inputs are rounded, as in mixed-precision training. The first layer (raw inputs) and the output
 layer (Q-values, action means) stay float32. With AMX the rounding happens inside oneDNN's kernel
-(`fused_bf16_products`); elsewhere the passes cast the operands themselves.
+(`onednn_products`); elsewhere the passes cast the operands themselves.
+
+Float32 products of wide layers go through oneDNN instead of MKL on x86 CPUs that are not Intel's
+but have AVX-512 (`onednn_float32_products`): MKL runs its AVX2 kernels there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "float32", "bfloat16"]
 ACTIVATIONS = (nn.ReLU, nn.Tanh)
@@ -56,17 +64,22 @@ def matmul_dtype(precision: Precision, device: torch.device) -> torch.dtype:
 
 def has_amx(device: torch.device) -> bool:
     """Whether this is a CPU with AMX tiles, where oneDNN can round a float32 product's inputs to
-    bfloat16 inside the kernel (`fused_bf16_products`)."""
+    bfloat16 inside the kernel (`onednn_products`)."""
     return _cpu_has(device, "_is_amx_tile_supported")
 
 
 @contextmanager
-def fused_bf16_products() -> Iterator[None]:
-    """Float32 products in this block multiply their inputs rounded to bfloat16 and accumulate in
-    float32, the rounding done inside oneDNN's AMX kernel: the arithmetic of casting the inputs
-    first, without the casts' passes over memory (on a 2×256×256 ensemble layer, 190 µs against
-    340 µs for the casts and the bfloat16 product; docs/benchmarks.md). Its output stays float32
-    instead of being rounded too. The setting is process-wide, so it is restored on exit."""
+def onednn_products() -> Iterator[None]:
+    """Float32 products in this block (`mm`, `addmm`, `bmm`, `baddbmm`) run in oneDNN with its
+    bfloat16 math mode, PyTorch's only route for float32 products into oneDNN. What that means
+    depends on the CPU:
+    - with AMX, oneDNN rounds the inputs to bfloat16 inside its kernel and accumulates in float32:
+      the arithmetic of casting the inputs first, without the casts' passes over memory (on a
+      2×256×256 ensemble layer, 190 µs against 340 µs for the casts and the bfloat16 product;
+      docs/benchmarks.md), and the output stays float32 instead of being rounded too;
+    - without AMX, oneDNN has no bfloat16 kernel for float32 inputs and multiplies in float32,
+      with its own AVX-512 kernels (`onednn_float32_products` checks that it does).
+    The setting is process-wide, so it is restored on exit."""
     matmul = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # set at import, not in the stubs
     before = matmul.fp32_precision
     matmul.fp32_precision = "bf16"
@@ -74,6 +87,67 @@ def fused_bf16_products() -> Iterator[None]:
         yield
     finally:
         matmul.fp32_precision = before
+
+
+def onednn_float32_products(device: torch.device) -> bool:
+    """Whether wide float32 products on `device` go through oneDNN (`onednn_products`) instead
+    of PyTorch's default, MKL. MKL picks its kernels by CPU vendor and runs AVX2 ones on x86 CPUs
+    that are not Intel's, where oneDNN runs AVX-512: on an AMD Zen 5, a 256×256 by 256×256 product
+    takes 86–92 µs through oneDNN against 166–175 µs through MKL at two threads
+    (docs/benchmarks.md). The decision is made by the CPU, not by timing, so runs on one machine always
+    take the same route; it also needs the route to multiply in float32 (never on a CPU with AMX,
+    where the same mode means bfloat16), which is checked once against float64."""
+    if device.type != "cpu" or has_amx(device):
+        return False
+    return _onednn_float32_route()
+
+
+@functools.cache
+def _onednn_float32_route() -> bool:
+    route = _avx512_outside_intel() and _onednn_float32_is_exact()
+    if route:
+        log.info("float32 products of wide layers run in oneDNN (MKL's kernels for this CPU are AVX2)")
+    return route
+
+
+@functools.cache
+def _avx512_outside_intel() -> bool:
+    """An x86 CPU with AVX-512 whose vendor is not Intel (read from /proc/cpuinfo on Linux)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return x86_vendor_is_not_intel(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def x86_vendor_is_not_intel(cpuinfo: str) -> bool:
+    """Whether the `vendor_id` lines of a /proc/cpuinfo text name a vendor and none is Intel."""
+    vendors = {line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("vendor_id")}
+    return bool(vendors) and "GenuineIntel" not in vendors
+
+
+@functools.cache
+def _onednn_float32_is_exact() -> bool:
+    """Whether products in `onednn_products` match float64 to float32 accuracy here, on the
+    shapes the passes use (plain, transposed and batched), and are not rounded to bfloat16."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2, 256, 256, generator=generator) for _ in range(2))
+    products: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
+        lambda x, y: torch.mm(x[0], y[0].t()),
+        lambda x, y: torch.mm(x[0].t(), y[0]),
+        lambda x, y: torch.bmm(x, y),
+        lambda x, y: torch.bmm(x.transpose(1, 2), y),
+    ]
+    with onednn_products():
+        ours = [product(a, b) for product in products]
+    for product, result in zip(products, ours, strict=True):
+        exact = product(a.double(), b.double())
+        # float32 accumulation over 256 terms stays near 1e-6 of the largest entry; inputs
+        # rounded to bfloat16 (8 bits) would be off by about 1e-3.
+        if float((result.double() - exact).abs().max()) > 1e-5 * float(exact.abs().max()):
+            return False
+    return True
 
 
 @dataclass
@@ -115,8 +189,13 @@ class MlpPasses:
         last = len(self.weights) - 1
         self.low = [dtype != torch.float32 and 0 < i < last for i in range(len(self.weights))]
         self.dtype = dtype
+        device = self.weights[0].device
         # On AMX, bfloat16 layers multiply float32 tensors in oneDNN's bf16 mode (no casts).
-        self.fused = dtype == torch.bfloat16 and has_amx(self.weights[0].device)
+        self.fused = dtype == torch.bfloat16 and has_amx(device)
+        # Float32 layers with no narrow side multiply in oneDNN where MKL is slow (see above).
+        wide = [min(w.shape[-2:]) > NARROW for w in self.weights]
+        onednn = onednn_float32_products(device)
+        self.onednn = [onednn and w and not low for w, low in zip(wide, self.low, strict=True)]
         self._numpy: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @staticmethod
@@ -213,9 +292,13 @@ class MlpPasses:
         return self.low[i] and x.shape[-2] >= LOW_PRECISION_ROWS
 
     def _product_mode(self, i: int, x: torch.Tensor) -> AbstractContextManager[None]:
-        """Where layer `i`'s float32 products on `x` run: oneDNN's bf16 mode for a reduced-precision
-        layer on the fused route, plain float32 otherwise."""
-        return fused_bf16_products() if self.fused and self._is_low(i, x) else nullcontext()
+        """Where layer `i`'s float32 products on `x` run: in oneDNN for a reduced-precision layer
+        on the fused route and for a wide float32 layer where oneDNN is the faster float32 route;
+        in PyTorch's default otherwise (also for a few rows, where oneDNN's per-call cost shows)."""
+        batch = x.shape[-2] >= LOW_PRECISION_ROWS
+        if batch and (self.onednn[i] or (self.fused and self.low[i])):
+            return onednn_products()
+        return nullcontext()
 
     # The products (of float32 operands, or of a reduced-precision layer's rounded ones). A narrow
     # side (at most NARROW units: a Q-head, an action head, a network's few inputs) can send the
