@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,6 +77,7 @@ def train_and_eval(
             if timer:
                 timer.cancel()
         wall = time.perf_counter() - start
+        assert trainer.learner is not None  # built by run()
         score = evaluate(trainer.learner, config, episodes=episodes)
         evals = [
             (int(e["data"]["step"]), float(e["data"]["eval/mean_return"]))
@@ -114,7 +116,7 @@ def sb3_dqn_lunarlander(steps: int, episodes: int) -> float:
     import numpy as np
     from stable_baselines3 import DQN
 
-    c = load_config("lunarlander-dqn")[0].training
+    c: Any = load_config("lunarlander-dqn")[0].training  # the DQN section (typed as its base)
     model = DQN(
         "MlpPolicy",
         "LunarLander-v3",
