@@ -18,6 +18,7 @@ from tether.algos.base import Transitions
 from tether.algos.optim import adam, adam_step, clip_grads
 from tether.algos.passes import (
     LOW_PRECISION_ROWS,
+    NARROW,
     MlpPasses,
     Tape,
     has_amx,
@@ -142,7 +143,7 @@ def test_onednn_float32_route_matches_autograd(kind: str) -> None:
     # Forced on, whatever this CPU's vendor: the route must give float32's numbers everywhere.
     net = NETS[kind]()
     passes = MlpPasses(net)
-    passes.onednn = [min(w.shape[-2:]) > 16 for w in passes.weights]
+    passes.onednn = [min(w.shape[-2:]) > NARROW for w in passes.weights]
     assert any(passes.onednn) and not all(passes.onednn)  # the narrow first/last layers stay out
     _assert_matches_autograd(net, passes)
 

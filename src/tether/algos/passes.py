@@ -104,13 +104,13 @@ def onednn_float32_products(device: torch.device) -> bool:
 
 @functools.cache
 def _onednn_float32_route() -> bool:
+    """The CPU check and the exactness check, once per process."""
     route = _avx512_outside_intel() and _onednn_float32_is_exact()
     if route:
         log.info("float32 products of wide layers run in oneDNN (MKL's kernels for this CPU are AVX2)")
     return route
 
 
-@functools.cache
 def _avx512_outside_intel() -> bool:
     """An x86 CPU with AVX-512 whose vendor is not Intel (read from /proc/cpuinfo on Linux)."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512" or not torch.backends.mkldnn.is_available():
@@ -127,7 +127,6 @@ def x86_vendor_is_not_intel(cpuinfo: str) -> bool:
     return bool(vendors) and "GenuineIntel" not in vendors
 
 
-@functools.cache
 def _onednn_float32_is_exact() -> bool:
     """Whether products in `onednn_products` match float64 to float32 accuracy here, on the
     shapes the passes use (plain, transposed and batched), and are not rounded to bfloat16."""
