@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -68,8 +68,11 @@ def has_amx(device: torch.device) -> bool:
     return _cpu_has(device, "_is_amx_tile_supported")
 
 
-@contextmanager
-def onednn_products() -> Iterator[None]:
+# PyTorch's setting object for oneDNN's matmul precision (set at import, not in the stubs).
+_ONEDNN_MATMUL = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
+
+
+class onednn_products(AbstractContextManager[None]):  # lower case, like contextlib.nullcontext
     """Float32 products in this block (`mm`, `addmm`, `bmm`, `baddbmm`) run in oneDNN with its
     bfloat16 math mode, PyTorch's only route for float32 products into oneDNN. What that means
     depends on the CPU:
@@ -79,14 +82,18 @@ def onednn_products() -> Iterator[None]:
       docs/benchmarks.md), and the output stays float32 instead of being rounded too;
     - without AMX, oneDNN has no bfloat16 kernel for float32 inputs and multiplies in float32,
       with its own AVX-512 kernels (`onednn_float32_products` checks that it does).
-    The setting is process-wide, so it is restored on exit."""
-    matmul = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # set at import, not in the stubs
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
+    The setting is process-wide, so it is restored on exit. A class, not a generator: the passes
+    enter it around every wide product, and a generator-based context costs several times more
+    per entry."""
+
+    __slots__ = ("_before",)
+
+    def __enter__(self) -> None:
+        self._before = _ONEDNN_MATMUL.fp32_precision
+        _ONEDNN_MATMUL.fp32_precision = "bf16"
+
+    def __exit__(self, *exc: object) -> None:
+        _ONEDNN_MATMUL.fp32_precision = self._before
 
 
 def onednn_float32_products(device: torch.device) -> bool:
