@@ -18,6 +18,7 @@ the bound action buffer).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -135,13 +136,13 @@ def main() -> None:
                 feed = {"obs": obs}
                 outputs = ["action"]
                 row[f"{name} session.run"] = best_us(
-                    lambda s=sess, f=feed, o=outputs: s.run(o, f), calls, args.rounds
+                    functools.partial(sess.run, outputs, feed), calls, args.rounds
                 )
                 row[f"{name} iobinding"] = best_us(iobinding_runner(sess, obs), calls, args.rounds)
             runtime = load_runtime(paths["onnx fp32"], provider="cpu")
             single = obs[0] if batch == 1 else obs
             row["onnx fp32 load_runtime().run"] = best_us(
-                lambda r=runtime, o=single: r.run(o), calls, args.rounds
+                functools.partial(runtime.run, single), calls, args.rounds
             )
             results[f"batch {batch}"] = row
     eager1 = results["batch 1"]["torch eager"][0]
@@ -162,10 +163,10 @@ def main() -> None:
         print(json.dumps({"results": results, "summary": summary}))
         return
     print(f"load average {summary['load_average_1min']:.1f} on {summary['cpu_count']} cores")
-    for batch, row in results.items():
+    for label, row in results.items():
         base = row["torch eager"][0]
-        n = int(batch.split()[1])
-        print(f"\n{batch}: µs per call (best of {args.rounds} rounds); ratio = torch eager / engine (wall)")
+        n = int(label.split()[1])
+        print(f"\n{label}: µs per call (best of {args.rounds} rounds); ratio = torch eager / engine (wall)")
         print(f"  {'engine':38s} {'wall':>10s} {'cpu':>10s} {'ratio':>7s}")
         for name, (us, cpu) in row.items():
             per_obs = f"  ({us / n:.3f} µs/obs)" if n > 1 else ""

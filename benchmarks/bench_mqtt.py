@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,7 @@ def publisher(port: int, payloads: list[bytes], started: Any, finished: Any) -> 
     client.loop_stop()
 
 
-def run_publisher(port: int, payloads: list[bytes]) -> tuple[mp.Process, Any, Any]:
+def run_publisher(port: int, payloads: list[bytes]) -> tuple[BaseProcess, Any, Any]:
     ctx = mp.get_context("fork")
     started, finished = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=publisher, args=(port, payloads, started, finished), daemon=True)

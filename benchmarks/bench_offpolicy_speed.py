@@ -33,10 +33,11 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from tether.algos import dqn, sac
 from tether.algos.passes import has_native_bf16, onednn_float32_products, onednn_products
 from tether.config import load_config
 from tether.trainer import Trainer
@@ -93,7 +94,7 @@ def _sb3_common(c: Any, seed: int) -> dict[str, Any]:
 def sb3_dqn(steps: int, threads: int, seed: int = 0) -> Speed:
     from stable_baselines3 import DQN
 
-    c = load_config("cartpole-dqn")[0].training
+    c = cast(dqn.Config, load_config("cartpole-dqn")[0].training)
     torch.set_num_threads(threads)
     model = DQN(
         "MlpPolicy",
@@ -113,7 +114,7 @@ def sb3_dqn(steps: int, threads: int, seed: int = 0) -> Speed:
 def sb3_sac(steps: int, threads: int, seed: int = 0) -> Speed:
     from stable_baselines3 import SAC
 
-    c = load_config("pendulum-sac")[0].training
+    c = cast(sac.Config, load_config("pendulum-sac")[0].training)
     torch.set_num_threads(threads)
     model = SAC(
         "MlpPolicy",
@@ -213,10 +214,10 @@ def main() -> None:
             lambda: sb3_dqn(args.dqn_steps, args.threads),
             args.repeats,
         )
-        c = load_config("cartpole-dqn")[0].training
+        dqn_c = cast(dqn.Config, load_config("cartpole-dqn")[0].training)
         # Per gradient step: the online pass forward and its two backward products, and the
         # target pass forward (no Double DQN here).
-        ceiling(name, 4 * c.gradient_steps / c.train_freq, c.batch_size, c.net_arch[1], peer)
+        ceiling(name, 4 * dqn_c.gradient_steps / dqn_c.train_freq, dqn_c.batch_size, dqn_c.net_arch[1], peer)
     if args.only in (None, "sac"):
         name = f"SAC Pendulum-v1 ({args.sac_steps // 1000}k)"
         peer = compare(
@@ -225,11 +226,17 @@ def main() -> None:
             lambda: sb3_sac(args.sac_steps, args.threads),
             args.repeats,
         )
-        c = load_config("pendulum-sac")[0].training
+        sac_c = cast(sac.Config, load_config("pendulum-sac")[0].training)
         # Per gradient step, in batch-sized products: the actor forward over s and s' (2) and
         # backward (2); the two target critics forward (2); the two critics forward (2) and
         # backward (4); the two critics forward at the actor's action (2) and back to it (2).
-        ceiling(name, 16 * c.gradient_steps / c.train_freq, c.batch_size, c.critic_fc_layers[1], peer)
+        ceiling(
+            name,
+            16 * sac_c.gradient_steps / sac_c.train_freq,
+            sac_c.batch_size,
+            sac_c.critic_fc_layers[1],
+            peer,
+        )
 
 
 if __name__ == "__main__":

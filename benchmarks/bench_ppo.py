@@ -45,9 +45,9 @@ def tether_sps(preset: str, overrides: list[str], steps: int, warmup: int) -> fl
 
 def sb3_sps(env_fn, n_steps: int, cfg: dict, steps: int, normalize: bool) -> float:
     from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
-    venv = DummyVecEnv([env_fn])
+    venv: VecEnv = DummyVecEnv([env_fn])
     if normalize:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False)
     model = PPO(

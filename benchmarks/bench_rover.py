@@ -241,7 +241,7 @@ def bench_ppo(samples: int, size: tuple[int, int], threads: int, peer: bool) -> 
         f"{threads} torch thread(s), CPU"
     )
     rng = np.random.default_rng(0)
-    obs = {
+    obs: dict[str, np.ndarray] = {
         "rgb": rng.integers(0, 256, (samples, 1, 3, h, w), dtype=np.uint8),
         "depth": rng.random((samples, 1, 1, h, w), dtype=np.float32),
         "proprio": rng.standard_normal((samples, 1, 6)).astype(np.float32),

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import insert, text
@@ -144,14 +144,16 @@ def bench_peer(url: str, batches: list[Transitions], total: int) -> tuple[int, f
             k = 0
             while done < total:
                 b = batches[k % len(batches)]
+                # make_batches gives array observations (a Transitions may also hold dicts)
+                obs, next_obs = cast(np.ndarray, b.obs), cast(np.ndarray, b.next_obs)
                 ts = datetime.now(timezone.utc)
                 rows = [
                     {
                         "source": "peer",
                         "episode": k,
                         "step": i,
-                        "obs": b.obs[i].tobytes(),
-                        "next_obs": b.next_obs[i].tobytes(),
+                        "obs": obs[i].tobytes(),
+                        "next_obs": next_obs[i].tobytes(),
                         "obs_shape": "[28]",
                         "obs_dtype": "<f4",
                         "action": b.action[i].tobytes(),
