@@ -40,38 +40,29 @@ def _skip_if_same_as_float32(precision: str) -> None:
         pytest.skip("precision=auto is float32 on this CPU (no native bfloat16): the float32 case's run")
 
 
-def _stop_early(every: int, margin_target: float) -> list[str]:
-    """Evaluate every `every` env steps over 20 episodes; stop once one reaches `margin_target`."""
-    return [
-        f"schedule.eval_every={every}",
-        "schedule.eval_every_episodes=20",
-        f"schedule.stop_at_return={margin_target}",
-    ]
-
-
 @pytest.mark.parametrize("precision", ["float32", "auto"])
-def test_dqn_solves_cartpole_within_50k_steps(tmp_path, precision: str) -> None:
+def test_dqn_solves_cartpole_within_50k_steps(tmp_path, precision: str, stop_early) -> None:
     _skip_if_same_as_float32(precision)
     config, trainer = _train(
         "cartpole-dqn",
         tmp_path,
         "schedule.total_steps=50000",
         f"training.precision={precision}",
-        *_stop_early(2500, 500),
+        *stop_early(2500, 500),
     )
     score = evaluate(trainer.learner, config, episodes=20)
     assert score.mean_return >= 475, score
 
 
 @pytest.mark.parametrize("precision", ["float32", "auto"])
-def test_sac_swings_up_pendulum_within_20k_steps(tmp_path, precision: str) -> None:
+def test_sac_swings_up_pendulum_within_20k_steps(tmp_path, precision: str, stop_early) -> None:
     _skip_if_same_as_float32(precision)
     config, trainer = _train(
         "pendulum-sac",
         tmp_path,
         "schedule.total_steps=20000",
         f"training.precision={precision}",
-        *_stop_early(1000, -175),
+        *stop_early(1000, -175),
     )
     score = evaluate(trainer.learner, config, episodes=20)
     assert score.mean_return >= -200, score

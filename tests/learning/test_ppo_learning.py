@@ -11,16 +11,8 @@ from tether.trainer import Trainer
 pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 
-def test_ppo_solves_cartpole_within_100k_steps(tmp_path):
-    config, _ = load_config(
-        "cartpole",
-        [
-            "schedule.total_steps=100000",
-            "schedule.eval_every=10000",
-            "schedule.eval_every_episodes=20",
-            "schedule.stop_at_return=500",
-        ],
-    )
+def test_ppo_solves_cartpole_within_100k_steps(tmp_path, stop_early):
+    config, _ = load_config("cartpole", ["schedule.total_steps=100000", *stop_early(10000, 500)])
     trainer = Trainer(config, tmp_path / "run")
     result = trainer.run()
     assert result.steps <= 100_000 + config.environment.num_envs
