@@ -668,18 +668,53 @@ def test_route_curriculum_starts_rovers_all_along_the_obstacle_free_way_home() -
     np.testing.assert_array_equal(obs, again)
 
 
+def test_empty_start_curriculum_starts_rovers_empty_handed_on_the_way() -> None:
+    both = LunaboticsConfig(carry_start_fraction=0.25, empty_start_fraction=0.25, carry_start_region="route")
+    obs, _ = LunaboticsVectorEnv(2000, both).reset(seed=5)
+    obs_carry, _ = LunaboticsVectorEnv(2000, both.model_copy(update={"empty_start_fraction": 0.0})).reset(
+        seed=5
+    )
+    obs_plain, _ = LunaboticsVectorEnv(2000, LunaboticsConfig()).reset(seed=5)
+    holding = obs[:, 7] == 1.0
+    moved = (obs[:, :2] != obs_plain[:, :2]).any(axis=1)  # not where a plain reset puts the rover
+    empty_on_the_way = moved & ~holding
+    assert 0.2 < holding.mean() < 0.3 and 0.2 < empty_on_the_way.mean() < 0.3
+    # The carried starts are those of the carry-only curriculum (same draws); the rest start as
+    # without a curriculum.
+    np.testing.assert_array_equal(holding, obs_carry[:, 7] == 1.0)
+    np.testing.assert_array_equal(obs[holding], obs_carry[holding])
+    np.testing.assert_array_equal(obs[~moved], obs_plain[~moved])
+    # The empty-handed starts lie on the way out: the lane or the excavation zone, not the left
+    # side, which leads only home.
+    x, y = obs[empty_on_the_way, 0], obs[empty_on_the_way, 1]
+    lane, excavation = y < 1.4, obs[empty_on_the_way, 6] == ZONE_EXCAVATION
+    assert (lane | excavation).all() and lane.mean() > 0.3 and excavation.mean() > 0.2
+    assert not ((x < 1.4) & (y >= 1.4)).any()
+    assert ((obs[holding, 0] < 1.4) & (obs[holding, 1] >= 1.4)).any()  # carried ones start there too
+    with pytest.raises(ValueError, match="at most 1"):
+        LunaboticsConfig(carry_start_fraction=0.6, empty_start_fraction=0.5)
+
+
 def test_evaluation_environment_drops_the_curriculum() -> None:
     from tether.envs import evaluation_environment
 
     env_cfg = EnvironmentConfig(
-        id=LUNABOTICS_ID, num_envs=4, carry_start_fraction=1.0, carry_start_region="route", num_orbs=3
+        id=LUNABOTICS_ID,
+        num_envs=4,
+        carry_start_fraction=0.5,
+        empty_start_fraction=0.5,
+        carry_start_region="route",
+        num_orbs=3,
     )
+    plain_cfg = EnvironmentConfig(id=LUNABOTICS_ID, num_envs=8, num_orbs=3)
+    plain_obs, _ = make_vector_env(plain_cfg).reset(seed=0)
     train_obs, _ = make_vector_env(env_cfg).reset(seed=0)
-    assert train_obs[:, 7].all()
+    # The two curriculum shares add up to 1: every rover starts on the way, none where plain ones do.
+    assert (train_obs[:, :2] != plain_obs[:4, :2]).any(axis=1).all()
     eval_cfg = evaluation_environment(env_cfg, num_envs=8)
     assert eval_cfg.num_envs == 8 and eval_cfg.options == {"num_orbs": 3}
     eval_obs, _ = make_vector_env(eval_cfg).reset(seed=0)
-    assert not eval_obs[:, 7].any()
+    np.testing.assert_array_equal(eval_obs, plain_obs)
 
 
 def test_route_cost_matches_straight_distance_in_the_open_and_goes_round_the_obstacle_zone() -> None:

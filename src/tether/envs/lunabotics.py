@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tether.config import ConfigError
 from tether.envs.lunabotics_physics import (
@@ -97,7 +97,7 @@ _FAR = -1.0e3
 
 
 # Options that shape only the training distribution; `tether.envs.evaluation_environment` drops them.
-TRAINING_ONLY_OPTIONS = frozenset({"carry_start_fraction", "carry_start_region"})
+TRAINING_ONLY_OPTIONS = frozenset({"carry_start_fraction", "carry_start_region", "empty_start_fraction"})
 
 
 class LunaboticsConfig(BaseModel):
@@ -181,6 +181,23 @@ class LunaboticsConfig(BaseModel):
             "the construction zone are practised too"
         ),
     )
+    empty_start_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "training curriculum: share of episodes that start empty-handed on the way out, facing "
+            "any way (with carry_start_region 'route': the lane and the excavation zone; with "
+            "'excavation': that zone), so the way out is practised from every point on it too "
+            "(evaluation always starts in the starting zone)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _curriculum_shares_fit(self) -> LunaboticsConfig:
+        if self.carry_start_fraction + self.empty_start_fraction > 1.0:
+            raise ValueError("carry_start_fraction + empty_start_fraction must be at most 1")
+        return self
 
     @field_validator("rock_radius_max", "crater_radius_max")
     @classmethod
@@ -439,14 +456,17 @@ class LunaboticsCore:
             self.orb_on_ground[:, idx] = True
 
         self.holding[idx] = False
-        carry = take(4)
-        if cfg.carry_start_fraction > 0.0:
-            # Curriculum: these rovers start with an orb, facing any way.
-            pick = carry[:, 0] < cfg.carry_start_fraction
-            rows = idx[pick]
-            self.x[rows], self.y[rows] = self._carry_start_positions(carry[pick, 1], carry[pick, 2])
-            self.set_heading(rows, (2.0 * carry[pick, 3] - 1.0) * math.pi)
-            self.holding[rows] = True
+        curriculum = take(4)
+        share = cfg.carry_start_fraction + cfg.empty_start_fraction
+        if share > 0.0:
+            # Curriculum: these rovers start on the way, facing any way; the first share of them
+            # holding an orb.
+            pick = curriculum[:, 0] < share
+            picked, rows = curriculum[pick], idx[pick]
+            holding = picked[:, 0] < cfg.carry_start_fraction
+            self.x[rows], self.y[rows] = self._curriculum_start_positions(picked[:, 1], picked[:, 2], holding)
+            self.set_heading(rows, (2.0 * picked[:, 3] - 1.0) * math.pi)
+            self.holding[rows] = holding
         self.deposits[idx] = 0
         self.steps[idx] = 0
         self.contact_obstacle[idx] = False
@@ -459,10 +479,15 @@ class LunaboticsCore:
         self.construction_bonus_paid[idx] = False
         self.refresh_distances(idx)
 
-    def _carry_start_positions(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _curriculum_start_positions(
+        self, u: np.ndarray, v: np.ndarray, holding: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Curriculum start points from two uniforms per rover: in the excavation zone, or on the
-        way home, uniform over the rectangles left free by the obstacle zone (grown by the route
-        clearance) and the construction zone: the lane, the left side and the excavation zone."""
+        way, uniform over rectangles left free by the obstacle zone (grown by the route clearance)
+        and the construction zone. The way home is the lane, the left side and the excavation
+        zone; the way out, for rovers not `holding` an orb, leaves out the left side, which leads
+        only home (a rover there would be taught to drive away from home without an orb and
+        towards it with one, from the same spot)."""
         cfg = self.cfg
         w, h = cfg.world_width, cfg.world_height
         edge = self._bound_r + 0.05  # the rover never starts touching a wall
@@ -483,6 +508,20 @@ class LunaboticsCore:
             ex1, ey1 = min(ex1, w), min(ey1, h)
             x = ex0 + margin + u * (ex1 - ex0 - 2.0 * margin)
             return x, ey0 + margin + v * (ey1 - ey0 - 2.0 * margin)
+        x, y = self._uniform_in_rects(rects, area, u, v)
+        out = ~holding
+        if out.any():
+            way_out = area * np.array([1.0, 0.0, 1.0])
+            if way_out.sum() > 0.0:
+                x[out], y[out] = self._uniform_in_rects(rects, way_out, u[out], v[out])
+        return x, y
+
+    @staticmethod
+    def _uniform_in_rects(
+        rects: np.ndarray, area: np.ndarray, u: np.ndarray, v: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points uniform over rectangles (x0, y0, x1, y1) of the given areas, from two uniforms
+        each: `u` picks the rectangle and, rescaled within its share, the x; `v` the y."""
         bounds = np.cumsum(area) / area.sum()
         k = np.minimum(np.searchsorted(bounds, u, side="right"), len(rects) - 1)
         low = np.concatenate([[0.0], bounds[:-1]])[k]
