@@ -508,12 +508,10 @@ class LunaboticsCore:
             ex1, ey1 = min(ex1, w), min(ey1, h)
             x = ex0 + margin + u * (ex1 - ex0 - 2.0 * margin)
             return x, ey0 + margin + v * (ey1 - ey0 - 2.0 * margin)
-        x, y = self._uniform_in_rects(rects, area, u, v)
-        out = ~holding
-        if out.any():
-            way_out = area * np.array([1.0, 0.0, 1.0])
-            if way_out.sum() > 0.0:
-                x[out], y[out] = self._uniform_in_rects(rects, way_out, u[out], v[out])
+        way_out = area * np.array([1.0, 0.0, 1.0])  # the lane and the excavation zone
+        x, y = np.empty_like(u), np.empty_like(v)
+        for rovers, weights in ((holding, area), (~holding, way_out if way_out.sum() > 0.0 else area)):
+            x[rovers], y[rovers] = self._uniform_in_rects(rects, weights, u[rovers], v[rovers])
         return x, y
 
     @staticmethod
