@@ -15,9 +15,9 @@ or AVX-512 BF16, float32 elsewhere; see docs/offpolicy.md). Both ratios are prin
 where `auto` is float32 the second run would repeat the first, so only the float32 one runs.
 
 After each case it prints the ceiling the arithmetic sets: the time of the step's 256-wide
-hidden-layer products alone (float32 and bfloat16, timed on their own, so a generous figure),
-per env step, against SB3's whole time per env step. No learner that does those products can beat
-SB3 by more than that ratio at that precision.
+hidden-layer products alone (float32, and bfloat16 where the CPU has it natively; timed on their
+own, so a generous figure), per env step, against SB3's whole time per env step. No learner that
+does those products can beat SB3 by more than that ratio at that precision.
 
 Notes on "same hyperparameters": SB3's DQN has no Double-DQN, so the Tether side runs with
 `double_q=false` here; SB3 counts `target_update_interval` in env steps, Tether in gradient steps,
@@ -161,9 +161,13 @@ def product_seconds(batch: int, width: int, dtype: torch.dtype, repeats: int = 2
         return (time.perf_counter() - start) / repeats
 
 
-def ceiling(name: str, products_per_env_step: float, batch: int, width: int, peer_speed: float) -> None:
-    """Print how far ahead of the peer the hidden-layer products alone let a learner be."""
-    for dtype in (torch.float32, torch.bfloat16):
+def ceiling(
+    name: str, products_per_env_step: float, batch: int, width: int, peer_speed: float, native_bf16: bool
+) -> None:
+    """Print how far ahead of the peer the hidden-layer products alone let a learner be, in
+    float32 and, on a CPU with native bfloat16 (where `precision=auto` uses it), in bfloat16;
+    elsewhere bfloat16 products are emulated and much slower, and no learner here takes them."""
+    for dtype in (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,):
         seconds = products_per_env_step * product_seconds(batch, width, dtype)
         print(
             f"{name:<22} ceiling   {str(dtype).removeprefix('torch.'):<8} {products_per_env_step:g} "
@@ -217,7 +221,8 @@ def main() -> None:
         dqn_c = cast(dqn.Config, load_config("cartpole-dqn")[0].training)
         # Per gradient step: the online pass forward and its two backward products, and the
         # target pass forward (no Double DQN here).
-        ceiling(name, 4 * dqn_c.gradient_steps / dqn_c.train_freq, dqn_c.batch_size, dqn_c.net_arch[1], peer)
+        per_env_step = 4 * dqn_c.gradient_steps / dqn_c.train_freq
+        ceiling(name, per_env_step, dqn_c.batch_size, dqn_c.net_arch[1], peer, native)
     if args.only in (None, "sac"):
         name = f"SAC Pendulum-v1 ({args.sac_steps // 1000}k)"
         peer = compare(
@@ -236,6 +241,7 @@ def main() -> None:
             sac_c.batch_size,
             sac_c.critic_fc_layers[1],
             peer,
+            native,
         )
 
 
