@@ -509,9 +509,12 @@ class LunaboticsCore:
             x = ex0 + margin + u * (ex1 - ex0 - 2.0 * margin)
             return x, ey0 + margin + v * (ey1 - ey0 - 2.0 * margin)
         way_out = area * np.array([1.0, 0.0, 1.0])  # the lane and the excavation zone
+        if way_out.sum() <= 0.0:  # neither fits this field: the left side is all the way there is
+            way_out = area
+        empty = ~holding
         x, y = np.empty_like(u), np.empty_like(v)
-        for rovers, weights in ((holding, area), (~holding, way_out if way_out.sum() > 0.0 else area)):
-            x[rovers], y[rovers] = self._uniform_in_rects(rects, weights, u[rovers], v[rovers])
+        x[holding], y[holding] = self._uniform_in_rects(rects, area, u[holding], v[holding])
+        x[empty], y[empty] = self._uniform_in_rects(rects, way_out, u[empty], v[empty])
         return x, y
 
     @staticmethod
