@@ -4,8 +4,11 @@ sees when the broker refuses them or is not there."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,13 +47,13 @@ def auth_broker(tmp_path_factory: pytest.TempPathFactory):
 
 def _config(port: int, tmp_path: Path, **kw) -> ServerConfig:
     prefix = kw.pop("topic_prefix", unique_prefix())
+    kw.setdefault("connect_timeout", 5)
     return ServerConfig(
         broker="127.0.0.1",
         port=port,
         topic_prefix=prefix,
         client_id=f"auth-{prefix}",
         data_dir=tmp_path / "data",
-        connect_timeout=5,
         **kw,
     )
 
@@ -100,6 +103,49 @@ def test_connection_refused_names_the_likely_causes(tmp_path):
     msg = str(err.value)
     assert "connection refused" in msg and f"127.0.0.1:{port}" in msg
     assert "broker" in msg and "running" in msg and f"firewall allows TCP port {port}" in msg
+
+
+@pytest.fixture
+def half_broker(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A TCP listener that speaks only part of MQTT: with `connack` it accepts the CONNECT and
+    then ignores every packet (no SUBACK); without, it never answers at all."""
+    connack = request.param
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conns.append(conn)
+            if connack:
+                conn.recv(1024)  # CONNECT
+                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: no session, accepted
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in conns:
+        conn.close()
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    ("half_broker", "expected"),
+    [(False, "got no MQTT answer"), (True, "did not acknowledge the subscriptions")],
+    indirect=["half_broker"],
+)
+def test_a_listener_that_stops_answering_gives_a_clear_message(half_broker, expected, tmp_path):
+    server = MLTrainingServer(_config(half_broker, tmp_path, connect_timeout=1))
+    with pytest.raises(MQTTConnectionError, match=expected) as err:
+        server.start()
+    assert f"127.0.0.1:{half_broker}" in str(err.value)
 
 
 def test_unresolvable_broker_names_the_flag(tmp_path):

@@ -217,6 +217,9 @@ def test_server_reconnects_after_the_broker_restarts(tmp_path):
     topics = Topics(prefix)
     server = make_server(broker, prefix, tmp_path / "data", reconnect_max_delay=2)
     try:
+        # start() returns once the broker holds the subscriptions (a new session queues nothing
+        # published before them), so a log sent right away is not lost.
+        assert server._subscribed.is_set()
         publish_all(broker.port, topics, [dumps(transition("dev-r", 1))])
         wait_until(lambda: server.counters.accepted == 1)
         broker.stop()

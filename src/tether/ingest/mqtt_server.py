@@ -613,8 +613,9 @@ class MLTrainingServer:
         return QTableModel(self.config)
 
     def start(self) -> None:
-        """Load state, replay the journal, connect and subscribe; raises MQTTConnectionError with
-        a clear cause when the broker cannot be reached or refuses us."""
+        """Load state, replay the journal, connect and subscribe (returns once the broker has
+        acknowledged the subscriptions); raises MQTTConnectionError with a clear cause when the
+        broker cannot be reached or refuses us."""
         cfg = self.config
         log.info(
             "%s Starting ML Training Server (mode %s, data in %s)...", TAG, self.model.kind, cfg.data_dir
@@ -690,6 +691,16 @@ class MLTrainingServer:
             with contextlib.suppress(Exception):
                 client.disconnect()
             raise MQTTConnectionError(describe_connack(reason, cfg))
+        # Return only once the broker holds our subscriptions: on a new session, logs published
+        # before the SUBACK would not be queued for us and would be lost.
+        if not self._subscribed.wait(cfg.connect_timeout):
+            client.loop_stop()
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            raise MQTTConnectionError(
+                f"connected to {cfg.broker}:{cfg.port} but the broker did not acknowledge the "
+                f"subscriptions within {cfg.connect_timeout:.0f} s."
+            )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Go offline (retained status), stop taking messages, and checkpoint what was learned; with
