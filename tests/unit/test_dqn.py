@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import io
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -308,5 +310,30 @@ def test_clip_grad_norm_matches_torch() -> None:
 def test_flush_denormals_is_scoped() -> None:
     tiny = torch.tensor([1e-40])
     with flush_denormals():
+        with flush_denormals():  # an inner block leaves the outer one flushing
+            pass
         assert float(tiny * 1.0) == 0.0
     assert float(tiny * 1.0) > 0.0
+
+
+def _parallel_op_flushes_inside_only() -> None:
+    tiny = torch.full((1_000_000,), 1e-40)
+    tiny.mul(1.0)  # start this thread's OpenMP team with the flag off
+    with flush_denormals():
+        assert int(tiny.mul(1.0).count_nonzero()) == 0
+    assert int(tiny.mul(1.0).count_nonzero()) == tiny.numel()  # and off again everywhere
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the OpenMP team is found through /proc/self/maps")
+def test_flush_denormals_reaches_every_thread_of_a_parallel_op() -> None:
+    """PyTorch's own flag reaches only the calling thread, and OpenMP's threads were started
+    before it: without sharing it, the other threads' share of a parallel op keeps subnormals.
+    Also from a thread other than the main one (the MQTT server learns on its own thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _parallel_op_flushes_inside_only()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(_parallel_op_flushes_inside_only).result()
+    finally:
+        torch.set_num_threads(threads)

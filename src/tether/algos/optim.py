@@ -4,8 +4,13 @@ each of these removes work without changing the update's arithmetic."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import torch
@@ -16,18 +21,83 @@ def adam(params: Any, lr: float, device: torch.device, eps: float = 1e-8) -> tor
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=device.type in ("cpu", "cuda"))
 
 
+_FloatEnvSetter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class _PoolFloatEnv:
+    """Copies the calling thread's floating-point environment onto the OpenMP threads that run its
+    torch ops. `torch.set_flush_denormal` sets the flush-to-zero bits of the calling thread only,
+    and OpenMP's threads take the environment of the thread that started them, once: with two
+    threads, half of every parallel op kept computing on subnormals (a DQN round's fused Adam took
+    240 µs a step instead of 70). One `GOMP_parallel` region runs libm's `fesetenv` on each thread
+    of the caller's team, in C, without the GIL (about 2 µs)."""
+
+    def __init__(self, gomp: ctypes.CDLL, libm: ctypes.CDLL) -> None:
+        self._parallel = gomp.GOMP_parallel
+        self._parallel.argtypes = [_FloatEnvSetter, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        self._parallel.restype = None
+        self._getenv = libm.fegetenv
+        self._getenv.argtypes = [ctypes.c_void_p]
+        self._setenv = ctypes.cast(libm.fesetenv, _FloatEnvSetter)  # int(fenv_t*); the int is unused
+
+    def share(self) -> None:
+        env = ctypes.create_string_buffer(256)  # larger than any platform's fenv_t
+        if self._getenv(env) == 0:
+            self._parallel(self._setenv, ctypes.addressof(env), torch.get_num_threads(), 0)
+
+
+@cache
+def _pool_float_env() -> _PoolFloatEnv | None:
+    """The setter for torch's OpenMP runtime (as loaded by this process), or None where torch's
+    threads are not OpenMP's or the libraries are not found (there only the caller's thread
+    flushes, as PyTorch does)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+        # The copy torch ships first, should the process have loaded another one too.
+        torch_dir = os.path.dirname(torch.__file__)
+        gomp = ctypes.CDLL(
+            min((p for p in paths if p.startswith("/")), key=lambda p: (torch_dir not in p, p))
+        )
+        libm_name = ctypes.util.find_library("m")
+        if libm_name is None or not hasattr(gomp, "GOMP_parallel"):
+            return None
+        return _PoolFloatEnv(gomp, ctypes.CDLL(libm_name))
+    except (OSError, ValueError):
+        return None
+
+
+_flush_depth = threading.local()
+
+
+def set_flush_denormals(on: bool) -> bool:
+    """`torch.set_flush_denormal(on)` for the calling thread and the OpenMP threads its torch ops
+    run on; False where the CPU cannot flush."""
+    supported = torch.set_flush_denormal(on)
+    env = _pool_float_env() if supported else None
+    if env is not None:
+        env.share()
+    return supported
+
+
 @contextmanager
 def flush_denormals() -> Iterator[None]:
-    """Treat subnormal floats (|x| < 1.2e-38) as zero while inside. Adam's moment estimates of
-    weights that stop getting gradient (dead ReLU units) decay through the subnormal range, where
-    every CPU float op is many times slower; values that small change no update measurably. Turned
-    back off on exit (PyTorch's default), so the rest of the process is unaffected."""
-    changed = torch.set_flush_denormal(True)
+    """Treat subnormal floats (|x| < 1.2e-38) as zero while inside, in every thread of this
+    thread's torch ops. Adam's moment estimates of weights that stop getting gradient (dead ReLU
+    units) decay through the subnormal range, where every CPU float op is many times slower;
+    values that small change no update measurably. Turned back off when the outermost block exits
+    (PyTorch's default), so the rest of the process is unaffected."""
+    depth = getattr(_flush_depth, "value", 0)
+    if depth == 0 and not set_flush_denormals(True):
+        yield  # this CPU cannot flush
+        return
+    _flush_depth.value = depth + 1
     try:
         yield
     finally:
-        if changed:
-            torch.set_flush_denormal(False)
+        _flush_depth.value = depth
+        if depth == 0:
+            set_flush_denormals(False)
 
 
 def clip_grad_norm(
