@@ -678,29 +678,33 @@ class MLTrainingServer:
         except (OSError, ssl.SSLError) as exc:
             raise MQTTConnectionError(describe_connect_error(exc, cfg)) from None
         client.loop_start()
-        if not self._connack.wait(cfg.connect_timeout):
+        failure = self._handshake_failure()
+        if failure is not None:
             client.loop_stop()
-            raise MQTTConnectionError(
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            raise MQTTConnectionError(failure)
+
+    def _handshake_failure(self) -> str | None:
+        """Why the broker did not take us to a subscribed session within `connect_timeout`, or
+        None. Subscribed, not just connected: on a new session, logs published before the SUBACK
+        would not be queued for us and would be lost."""
+        cfg = self.config
+        if not self._connack.wait(cfg.connect_timeout):
+            return (
                 f"connected to {cfg.broker}:{cfg.port} but got no MQTT answer within "
                 f"{cfg.connect_timeout:.0f} s; "
                 "check that the port is an MQTT listener (a TLS listener needs --tls)."
             )
         reason = self._connack_reason
         if reason is not None and getattr(reason, "is_failure", False):
-            client.loop_stop()
-            with contextlib.suppress(Exception):
-                client.disconnect()
-            raise MQTTConnectionError(describe_connack(reason, cfg))
-        # Return only once the broker holds our subscriptions: on a new session, logs published
-        # before the SUBACK would not be queued for us and would be lost.
+            return describe_connack(reason, cfg)
         if not self._subscribed.wait(cfg.connect_timeout):
-            client.loop_stop()
-            with contextlib.suppress(Exception):
-                client.disconnect()
-            raise MQTTConnectionError(
+            return (
                 f"connected to {cfg.broker}:{cfg.port} but the broker did not acknowledge the "
                 f"subscriptions within {cfg.connect_timeout:.0f} s."
             )
+        return None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Go offline (retained status), stop taking messages, and checkpoint what was learned; with
